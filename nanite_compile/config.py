@@ -1,0 +1,151 @@
+"""The one configuration object of nanite_compile.
+
+`NaniteConfig` is frozen, validates every field with an error that names the
+fix, rejects unknown options, and round-trips through JSON. Everything that
+takes options (``convert``, the ``nanite`` torch.compile backend, the CLI)
+builds one of these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+_INNER = ("inductor", "eager")
+_IMPL = ("auto", "torch", "triton")
+_FEATURE_MAPS = ("prf",)
+
+
+def check_budget(budget: Any, name: str = "budget") -> float:
+    """Validate a budget fraction and return it as a float.
+
+    Args:
+        budget: the share of the original attention's key reads the converted
+            attention may spend, in ``(0, 1]``; ``1.0`` keeps every tile exact.
+        name: the argument name used in the error message.
+
+    Raises:
+        TypeError: ``budget`` is not a real number.
+        ValueError: ``budget`` is NaN or outside ``(0, 1]``.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(
+            f"{name} must be a number in (0, 1] (the share of the original attention's "
+            f"key reads to keep, e.g. 0.25), got {type(budget).__name__} {budget!r}"
+        )
+    budget = float(budget)
+    if math.isnan(budget) or not (0.0 < budget <= 1.0):
+        raise ValueError(
+            f"{name} must be in (0, 1]: 1.0 keeps attention exact, 0.25 spends a quarter "
+            f"of its key reads; got {budget!r}. For an absolute number of key reads per "
+            f"query use NaniteConfig(budget_reads=...)"
+        )
+    return budget
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class NaniteConfig:
+    """How attention is tiled and how much of it is kept.
+
+    Attributes:
+        budget: share of the original attention's key reads kept, in ``(0, 1]``,
+            averaged over queries (1.0 = every tile EXACT).
+        budget_reads: if set, an absolute number of key reads per query instead
+            of the fraction (near field + anchors + summaries + state width);
+            the cost then grows linearly in the sequence length.
+        tile: tile size ``T`` in tokens, a power of two.
+        window: near field ``w`` in tiles, the query's own tile included; always EXACT.
+        anchors: number of leading "attention sink" tiles ``a``, always EXACT.
+        horizon: most tiles (beyond near field and anchors) a query sees at a
+            POOL/EXACT level; older tiles go to the recurrent STATE. ``None``
+            lets the budget decide.
+        state_features: width ``F`` of the positive feature map of the STATE
+            path; 0 disables STATE (tiles past the horizon are then pooled to
+            one summary each).
+        feature_map: ``"prf"``: unbiased positive random features.
+        seed: seed of the random features.
+        impl: operator implementation: ``"auto"`` (Triton on CUDA when
+            installed, else PyTorch), ``"torch"`` or ``"triton"`` (never falls
+            back silently).
+        inner: what the torch.compile backend hands the rest of the graph to.
+        chunk_bytes: upper bound on the scratch memory of one chunk of query tiles.
+    """
+
+    budget: float = 0.25
+    budget_reads: int | None = None
+    tile: int = 64
+    window: int = 2
+    anchors: int = 1
+    horizon: int | None = None
+    state_features: int = 64
+    feature_map: str = "prf"
+    seed: int = 0
+    impl: str = "auto"
+    inner: str = "inductor"
+    chunk_bytes: int = 256 * 2**20
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", check_budget(self.budget))
+        _check_int("budget_reads", self.budget_reads, 1, allow_none=True)
+        _check_int("tile", self.tile, 2)
+        if self.tile & (self.tile - 1):
+            raise ValueError(f"tile must be a power of two (e.g. 32, 64, 128), got {self.tile}")
+        _check_int("window", self.window, 1)
+        _check_int("anchors", self.anchors, 0)
+        _check_int("horizon", self.horizon, 0, allow_none=True)
+        _check_int("state_features", self.state_features, 0)
+        _check_int("seed", self.seed, 0)
+        _check_int("chunk_bytes", self.chunk_bytes, 2**16)
+        if self.feature_map not in _FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {_FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.impl not in _IMPL:
+            raise ValueError(f"impl must be one of {_IMPL}, got {self.impl!r}")
+        if self.inner not in _INNER:
+            raise ValueError(f"inner must be one of {_INNER}, got {self.inner!r}")
+        if self.extra:
+            raise TypeError(f"unknown NaniteConfig options: {sorted(self.extra)}")
+
+    @classmethod
+    def from_options(cls, options: dict | None = None, **overrides: Any) -> NaniteConfig:
+        """Build a config from a dict of options (torch.compile ``options=``).
+
+        Unknown keys raise ``TypeError`` naming the known ones.
+        """
+        merged = dict(options or {})
+        merged.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown nanite option(s) {unknown}; known options: {sorted(known)}"
+            )
+        return cls(**merged)
+
+    def replace(self, **changes: Any) -> NaniteConfig:
+        return NaniteConfig.from_options(self.to_dict(), **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> NaniteConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a NaniteConfig JSON must be an object of options")
+        return cls.from_options(data)

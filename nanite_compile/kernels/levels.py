@@ -1,0 +1,200 @@
+"""The level table: at which resolution each query tile sees each key tile.
+
+A level table is data, ``[B, Hkv, mq, mk]`` int8, one entry per (query tile,
+key tile) pair, shared by the query heads of one KV head (GQA):
+
+* ``EXACT`` (0): all ``T`` keys;
+* ``r`` in ``1..log2 T``: POOL(r), ``T / 2**r`` mean summaries;
+* ``STATE`` (-2): folded into the recurrent state;
+* ``NONE`` (-1): not seen (future tiles under causality, outside a sliding
+  window, or all padding).
+
+`build_levels` is the run-time rule of the foundation: near field and anchors
+exact, the rest refined by density over distance until the per-query budget
+is spent, the oldest tiles folded into the state when even one summary per
+tile is more than the budget allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+EXACT = 0
+NONE = -1
+STATE = -2
+
+
+@dataclass(frozen=True)
+class TileParams:
+    """The per-site plan the operator runs with (plain data)."""
+
+    tile: int
+    window: int
+    anchors: int
+    horizon: int | None
+    budget: float
+    budget_reads: int | None
+    state_features: int
+
+    @property
+    def max_pool(self) -> int:
+        return int(math.log2(self.tile))
+
+
+def tile_density(k: torch.Tensor, key_valid: torch.Tensor, tile: int) -> torch.Tensor:
+    """Within-tile key dispersion, the pooling error proxy of DESIGN.md section 2.
+
+    Args:
+        k: ``[B, Hkv, m*T, D]`` keys, padded to whole tiles.
+        key_valid: ``[B, m*T]`` bool.
+        tile: ``T``.
+
+    Returns:
+        ``[B, Hkv, m]`` mean squared distance of a tile's keys to their mean,
+        divided by the mean over tiles (so 1 is "typical").
+    """
+    b, h, n, d = k.shape
+    m = n // tile
+    kt = k.reshape(b, h, m, tile, d)
+    w = key_valid.reshape(b, 1, m, tile, 1).to(k.dtype)
+    cnt = w.sum(dim=3).clamp_min(1.0)
+    mean = (kt * w).sum(dim=3) / cnt
+    disp = (((kt - mean.unsqueeze(3)) ** 2) * w).sum(dim=(3, 4)) / cnt.squeeze(-1)
+    return disp / disp.mean(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _allowance(orig: torch.Tensor, fixed: torch.Tensor, budget: float) -> torch.Tensor:
+    """Per-row key-read allowance ``max(fixed_j, min(c, orig_j))``.
+
+    ``c`` is the largest common cap with ``sum_j allowance_j <= budget * sum_j orig_j``:
+    rows whose mandatory part (near field, anchors) already costs more spend
+    that, and the rest share what is left evenly per query.
+    """
+    target = budget * float(orig.sum())
+    lo, hi = 0.0, float(orig.max())
+    for _ in range(48):
+        mid = 0.5 * (lo + hi)
+        if float(torch.maximum(fixed, orig.clamp(max=mid)).sum()) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return torch.maximum(fixed, orig.clamp(max=lo))
+
+
+def build_levels(
+    density: torch.Tensor,
+    q_tiles: torch.Tensor,
+    params: TileParams,
+    *,
+    causal: bool,
+    window: int | None,
+    tile_valid: torch.Tensor,
+    nk: int,
+) -> torch.Tensor:
+    """The run-time level rule: distance and density within the budget.
+
+    Args:
+        density: ``[B, Hkv, mk]`` tile density (1 = typical).
+        q_tiles: ``[mq]`` absolute index of each query tile.
+        params: the site's tile parameters.
+        causal: causal attention.
+        window: sliding window in tokens, or None.
+        tile_valid: ``[B, mk]`` bool, False for tiles that are all padding.
+        nk: number of keys (without tile padding).
+
+    Returns:
+        ``[B, Hkv, mq, mk]`` int8 level table.
+    """
+    T = params.tile
+    b, hkv, mk = density.shape
+    dev = density.device
+    ki = torch.arange(mk, device=dev)
+    dist = q_tiles[:, None] - ki[None, :]  # [mq, mk]
+    adist = dist.abs()
+    visible = (dist >= 0) if causal else torch.ones_like(dist, dtype=torch.bool)
+    forced = torch.zeros_like(visible)
+    if window is not None:
+        # token ranges: query tile j covers [jT, jT+T-1], key tile i covers [iT, iT+T-1]
+        lo_key_needed = q_tiles[:, None] * T - window + 1  # earliest key the first query sees
+        hi_key_needed = q_tiles[:, None] * T + T - 1 - window + 1  # earliest key the last query sees
+        tile_end = ki[None, :] * T + T - 1
+        tile_start = ki[None, :] * T
+        visible &= tile_end >= lo_key_needed
+        forced = visible & (tile_start < hi_key_needed)  # straddles the window edge
+    near = visible & (adist < params.window)
+    anchor = visible & (ki[None, :] < params.anchors)
+    fixed = near | anchor | forced
+    middle = visible & ~fixed
+
+    vis = visible[None, None] & tile_valid[:, None, None, :]  # [B, 1, mq, mk]
+    mid = middle[None, None] & tile_valid[:, None, None, :]
+    levels = torch.full((b, hkv, q_tiles.numel(), mk), NONE, dtype=torch.int8, device=dev)
+    levels = torch.where(vis, torch.tensor(EXACT, dtype=torch.int8, device=dev), levels)
+    exact_reads = vis.sum(-1).to(torch.float64) * T  # [B, 1, mq]: the original cost
+    fixed_reads = (fixed[None, None] & tile_valid[:, None, None, :]).sum(-1).to(torch.float64) * T
+    n_mid = mid.sum(-1).to(torch.float64)
+    if params.budget_reads is not None:
+        allow = exact_reads.clamp(max=float(params.budget_reads))
+    elif params.budget >= 1.0:
+        return levels
+    else:
+        allow = _allowance(exact_reads, fixed_reads, params.budget)
+    rem = allow - fixed_reads  # reads left for middle tiles, [B, 1, mq]
+    if bool((rem >= n_mid * T).all()):
+        return levels  # the budget covers every tile exactly
+
+    # how many of the nearest middle tiles stay visible; older ones fold into the state
+    use_state = params.state_features > 0 and window is None
+    F = float(params.state_features) if use_state else 0.0
+    afford = torch.where(rem >= n_mid * T, n_mid, (rem - F).clamp_min(0.0).floor())
+    keep = torch.minimum(afford, n_mid) if use_state else n_mid
+    if params.horizon is not None:
+        keep = keep.clamp(max=float(params.horizon))
+    # rank middle tiles by distance: nearest first
+    big = mk + 1
+    mdist = torch.where(mid, adist[None, None].expand_as(mid), big).to(torch.float64)
+    order_rank = mdist.argsort(dim=-1).argsort(dim=-1).to(torch.float64)  # 0 = nearest
+    kept = mid & (order_rank < keep[..., None])
+    folded = mid & ~kept
+    has_state = folded.any(-1)  # [B, 1, mq]
+    budget_left = (rem - has_state.to(torch.float64) * F).clamp_min(0.0)
+
+    # refine kept tiles: desired reads ~ lambda * density / distance, one bisection per row
+    dens = density[:, :, None, :].to(torch.float64)  # [B, Hkv, 1, mk]
+    prio = (dens + 1e-3) / adist[None, None].clamp_min(1).to(torch.float64)
+    R = params.max_pool
+
+    def reads_for(loglam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        want = (loglam[..., None].exp() * prio).clamp(1.0, float(T))
+        lvl = torch.ceil(torch.log2(T / want) - 1e-9).clamp(0, R)
+        reads = torch.where(kept, T / torch.exp2(lvl), torch.zeros_like(lvl)).sum(-1)
+        return lvl, reads
+
+    lo = torch.full(budget_left.shape[:-1] + (q_tiles.numel(),), -60.0, dtype=torch.float64,
+                    device=dev).expand(b, hkv, -1).clone()
+    hi = torch.full_like(lo, 60.0)
+    bl = budget_left.expand(b, hkv, -1)
+    for _ in range(48):
+        midv = 0.5 * (lo + hi)
+        _, r = reads_for(midv)
+        ok = r <= bl
+        lo = torch.where(ok, midv, lo)
+        hi = torch.where(ok, hi, midv)
+    lvl, _ = reads_for(lo)
+    kept_b = kept.expand(b, hkv, -1, -1)
+    levels = torch.where(kept_b, lvl.to(torch.int8), levels)
+    levels = torch.where(folded.expand(b, hkv, -1, -1),
+                         torch.tensor(STATE if use_state else R, dtype=torch.int8, device=dev),
+                         levels)
+    return levels
+
+
+def level_reads(levels: torch.Tensor, tile: int, state_features: int) -> torch.Tensor:
+    """Key reads per query of each query tile of a level table, ``[B, Hkv, mq]``."""
+    lv = levels.to(torch.int64)
+    per = torch.where(lv >= 0, tile >> lv.clamp_min(0), torch.zeros_like(lv))
+    reads = per.sum(-1).to(torch.float64)
+    return reads + (lv == STATE).any(-1).to(torch.float64) * state_features

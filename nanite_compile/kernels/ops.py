@@ -1,0 +1,154 @@
+"""The registered operator ``torch.ops.nanite.tiled_attention``.
+
+This module holds the schema, the fake (meta) implementation and the autograd
+formula; it imports no Triton. The graph rewrite emits calls to this op, so a
+converted model still works with torch.compile, torch.export and autograd.
+
+Run-time recording: inside ``recording(...)`` every call reports, per site,
+which path ran (tiled or exact, and why), the key reads per query against the
+original's, and, when asked, the relative error against exact attention on
+the same inputs. ``convert`` uses it on its probe run to fill the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+
+from .levels import TileParams
+from .reference import exact_attention, tiled_attention as _tiled_reference
+
+_RECORDER: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "nanite_recorder", default=None
+)
+_MEASURE_ERROR: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "nanite_measure_error", default=False
+)
+
+
+@contextlib.contextmanager
+def recording(measure_error: bool = False) -> Iterator[dict]:
+    """Collect per-site run-time records of every op call in the block.
+
+    Yields:
+        A dict ``site -> list of records`` filled as the op runs.
+    """
+    store: dict = {}
+    t1 = _RECORDER.set(store)
+    t2 = _MEASURE_ERROR.set(measure_error)
+    try:
+        yield store
+    finally:
+        _RECORDER.reset(t1)
+        _MEASURE_ERROR.reset(t2)
+
+
+def _params(tile, window, anchors, horizon, budget, budget_reads, state_features) -> TileParams:
+    return TileParams(
+        tile=tile,
+        window=window,
+        anchors=anchors,
+        horizon=None if horizon < 0 else horizon,
+        budget=budget,
+        budget_reads=None if budget_reads <= 0 else budget_reads,
+        state_features=state_features,
+    )
+
+
+@torch.library.custom_op("nanite::tiled_attention", mutates_args=(), device_types=None)
+def tiled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    tile: int,
+    window: int,
+    anchors: int,
+    horizon: int,
+    budget: float,
+    budget_reads: int,
+    state_features: int,
+    seed: int,
+    site: str,
+) -> torch.Tensor:
+    """Tiled attention, DESIGN.md section 1.
+
+    Args:
+        q: ``[B, H, Nq, D]``.
+        k: ``[B, Hkv, Nk, D]`` (``H`` a multiple of ``Hkv``: GQA by index).
+        v: ``[B, Hkv, Nk, Dv]``.
+        attn_mask: None, or a bool/additive mask broadcastable to ``[B, H, Nq, Nk]``.
+        scale: softmax scale.
+        is_causal: SDPA's causal flag.
+        tile, window, anchors, horizon, budget, budget_reads, state_features:
+            the site's plan (``horizon < 0`` and ``budget_reads <= 0`` mean unset).
+        seed: seed of the random features.
+        site: the site's name, used only for run-time records.
+
+    Returns:
+        ``[B, H, Nq, Dv]`` in q's dtype.
+    """
+    params = _params(tile, window, anchors, horizon, budget, budget_reads, state_features)
+    store = _RECORDER.get()
+    stats: dict | None = {} if store is not None else None
+    out = _tiled_reference(
+        q, k, v, attn_mask, scale=scale, is_causal=is_causal, params=params, seed=seed,
+        stats=stats,
+    )
+    if store is not None:
+        rec = {
+            "path": stats.get("path"),
+            "reason": stats.get("reason", ""),
+            "reads_per_query": stats.get("reads_per_query"),
+            "exact_reads_per_query": stats.get("exact_reads_per_query"),
+            "q_shape": list(q.shape),
+            "k_shape": list(k.shape),
+        }
+        if _MEASURE_ERROR.get():
+            ref = exact_attention(q, k, v, attn_mask, scale, is_causal).float()
+            err = (out.float() - ref).norm() / ref.norm().clamp_min(1e-30)
+            rec["rel_error"] = float(err)
+        store.setdefault(site, []).append(rec)
+    return out
+
+
+@tiled_attention.register_fake
+def _(q, k, v, attn_mask, scale, is_causal, tile, window, anchors, horizon, budget,
+      budget_reads, state_features, seed, site):
+    torch._check(q.dim() == 4, lambda: "q must be [B, H, N, D]")
+    torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be [B, Hkv, N, D]")
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask = inputs[:4]
+    ctx.save_for_backward(q, k, v, attn_mask if attn_mask is not None else q.new_empty(0))
+    ctx.has_mask = attn_mask is not None
+    ctx.rest = inputs[4:]
+
+
+def _backward(ctx, grad):
+    """Gradient of the same tiled computation (recomputed in PyTorch).
+
+    The level table depends on the keys only through a discrete choice, so it
+    is held fixed: the gradient is that of the chosen tiled attention.
+    """
+    q, k, v, mask = ctx.saved_tensors
+    mask = mask if ctx.has_mask else None
+    (scale, is_causal, tile, window, anchors, horizon, budget, budget_reads, state_features,
+     seed, _site) = ctx.rest
+    params = _params(tile, window, anchors, horizon, budget, budget_reads, state_features)
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = _tiled_reference(qd, kd, vd, mask, scale=scale, is_causal=is_causal,
+                               params=params, seed=seed)
+        gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), grad, allow_unused=True)
+    return gq, gk, gv, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+tiled_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,396 @@
+"""Tiled attention in vectorised PyTorch: the CPU path and the reference.
+
+The math is in ``kernels/README.md``. In short, for a query tile ``j`` every
+visible key tile ``i`` is read at level ``L[j, i]`` from a *pyramid bank*: the
+keys themselves (level 0) followed by their means over groups of ``2**r``
+tokens (level ``r``), each summary carrying ``log n`` of its count as a logit
+bias. Tiles at ``STATE`` are read through a positive feature map from a sum of
+``phi(k)^T v`` over those tiles. Everything shares one normaliser on one log
+scale, so no logit size overflows.
+
+No Python loop runs over tiles or heads: one gather builds each query tile's
+key list (padded to the longest list), one batched matmul scores it. Query
+tiles are processed in chunks only to bound scratch memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .levels import EXACT, NONE, STATE, TileParams, build_levels, tile_density
+from .masks import read_mask
+
+__all__ = [
+    "exact_attention",
+    "random_features",
+    "tiled_attention",
+    "tiled_attention_from_levels",
+]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def exact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+) -> torch.Tensor:
+    """Plain softmax attention (GQA-aware), SDPA's conventions, in fp32/fp64."""
+    cd = _compute_dtype(q)
+    h, hkv = q.shape[1], k.shape[1]
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(cd)
+    out = F.scaled_dot_product_attention(
+        q.to(cd), k.to(cd), v.to(cd), attn_mask=attn_mask, is_causal=is_causal and attn_mask is None,
+        scale=scale, enable_gqa=h != hkv,
+    )
+    return out.to(q.dtype)
+
+
+def random_features(d: int, f: int, hkv: int, seed: int, device, dtype) -> torch.Tensor:
+    """Gaussian projections ``[Hkv, D, F]`` of the positive random feature map (seeded)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(hkv, d, f, generator=g, dtype=torch.float64)
+    return w.to(device=device, dtype=dtype)
+
+
+def _log_features(x: torch.Tensor, proj: torch.Tensor, scale: float) -> torch.Tensor:
+    """``log phi(x)`` of FAVOR+ positive features, ``E[phi(q).phi(k)] = exp(scale q.k)``.
+
+    Args:
+        x: ``[B, Hkv, ..., D]``.
+        proj: ``[Hkv, D, F]``.
+    """
+    xs = x * math.sqrt(scale)
+    f = proj.shape[-1]
+    shape = xs.shape
+    flat = xs.reshape(shape[0], shape[1], -1, shape[-1])
+    u = torch.einsum("bhnd,hdf->bhnf", flat, proj)
+    u = u - 0.5 * (flat * flat).sum(-1, keepdim=True) - 0.5 * math.log(f)
+    return u.reshape(*shape[:-1], f)
+
+
+def _pyramid(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, tile: int):
+    """Bank of keys and their group means at every pool level (k, v may differ in width).
+
+    Returns:
+        bank_k, bank_v ``[B, Hkv, Nb, D]``, bank_logc ``[B, Nb]`` (log count,
+        -inf for empty), bank_pos ``[Nb]`` (token position of level-0
+        entries, -1 for summaries), and the offset of each level in the bank.
+    """
+    b, h, n, d = k.shape
+    dv = v.shape[-1]
+    ks, vs, lcs, poss, offs = [], [], [], [], []
+    off = 0
+    r = 0
+    w = valid.to(k.dtype)
+    while (1 << r) <= tile:
+        g = 1 << r
+        cnt = w.reshape(b, n // g, g).sum(-1)  # [B, n/g]
+        if r == 0:
+            kr, vr = k * w[:, None, :, None], v * w[:, None, :, None]
+        else:
+            wk = w.reshape(b, 1, n // g, g, 1)
+            den = cnt.clamp_min(1.0)[:, None, :, None]
+            kr = (k.reshape(b, h, n // g, g, d) * wk).sum(3) / den
+            vr = (v.reshape(b, h, n // g, g, dv) * wk).sum(3) / den
+        ks.append(kr)
+        vs.append(vr)
+        lcs.append(torch.where(cnt > 0, cnt.clamp_min(1.0).log(), torch.full_like(cnt, -math.inf)))
+        poss.append(torch.arange(n, device=k.device) if r == 0 else
+                    torch.full((n // g,), -1, device=k.device, dtype=torch.long))
+        offs.append(off)
+        off += n // g
+        r += 1
+    return (torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(lcs, 1), torch.cat(poss, 0),
+            torch.tensor(offs, device=k.device))
+
+
+def _entry_index(levels: torch.Tensor, offsets: torch.Tensor, tile: int):
+    """Bank indices of every key entry each query tile reads.
+
+    Args:
+        levels: ``[B, Hkv, mq, mk]``.
+
+    Returns:
+        idx ``[B, Hkv, mq, P]`` long and ok ``[B, Hkv, mq, P]`` bool.
+    """
+    lv = levels.to(torch.int64)
+    seen = lv >= 0
+    cnt = torch.where(seen, tile >> lv.clamp_min(0), torch.zeros_like(lv))  # [B,H,mq,mk]
+    cum = cnt.cumsum(-1)
+    total = cum[..., -1]
+    p_max = int(total.max()) if total.numel() else 0
+    p_max = max(p_max, 1)
+    p = torch.arange(p_max, device=levels.device)
+    pp = p.expand(*cum.shape[:-1], p_max).contiguous()
+    ti = torch.searchsorted(cum.contiguous(), pp, right=True).clamp_max(lv.shape[-1] - 1)
+    start = (cum - cnt).gather(-1, ti)
+    li = lv.gather(-1, ti).clamp_min(0)
+    g = pp - start
+    idx = offsets[li] + ti * (tile >> li) + g
+    ok = pp < total[..., None]
+    return torch.where(ok, idx, torch.zeros_like(idx)), ok
+
+
+def tiled_attention_from_levels(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    levels: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    tile: int,
+    window: int | None = None,
+    key_valid: torch.Tensor | None = None,
+    feature_proj: torch.Tensor | None = None,
+    state_phi=None,
+    chunk_bytes: int = 256 * 2**20,
+) -> torch.Tensor:
+    """Tiled attention for a given level table (DESIGN.md section 1).
+
+    Args:
+        q: ``[B, H, Nq, D]`` queries; they are the last ``Nq`` positions.
+        k, v: ``[B, Hkv, Nk, D]``.
+        levels: ``[B, Hkv, mq, mk]`` int8 level table, ``mq`` the tiles that
+            hold the queries (``mq = ceil(Nk/T) - (Nk-Nq)//T`` with the first
+            query tile aligned to its absolute index).
+        scale: softmax scale.
+        causal: block keys after the query.
+        tile: ``T``.
+        window: sliding window in tokens or None.
+        key_valid: ``[B, Nk]`` bool or None.
+        feature_proj: ``[Hkv, D, F]`` random-feature projections for STATE tiles.
+        state_phi: optional callable ``x -> phi(x)`` (``[..., D] -> [..., F]``,
+            positive) used instead of the exponential random features, e.g. an
+            exact finite kernel map for tests; its products are not on the
+            softmax scale, so it is only meaningful when every tile is STATE.
+        chunk_bytes: scratch memory bound per chunk of query tiles.
+
+    Returns:
+        ``[B, H, Nq, D]`` in q's dtype.
+    """
+    cd = _compute_dtype(q)
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    dv = v.shape[-1]
+    G = h // hkv
+    T = tile
+    mk = -(-nk // T)
+    npad = mk * T
+    q0 = nk - nq  # absolute position of the first query
+    jq0 = q0 // T
+    mq = mk - jq0
+    qpad_front = q0 - jq0 * T
+    qpad = mq * T - nq - qpad_front
+
+    valid = torch.ones(b, nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+    valid = F.pad(valid, (0, npad - nk), value=False)
+    kc = F.pad(k.to(cd), (0, 0, 0, npad - nk))
+    vc = F.pad(v.to(cd), (0, 0, 0, npad - nk))
+    qc = F.pad(q.to(cd), (0, 0, qpad_front, qpad))  # [B, H, mq*T, D]
+    qc = qc.reshape(b, hkv, G, mq, T, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, mq, G * T, d)
+    qpos = (jq0 * T + torch.arange(mq * T, device=q.device)).reshape(mq, T)
+    qpos = qpos[:, None, :].expand(mq, G, T).reshape(mq, G * T)  # [mq, G*T]
+
+    bank_k, bank_v, bank_lc, bank_pos, offs = _pyramid(kc, vc, valid, T)
+    idx, ok = _entry_index(levels, offs, T)  # [B, Hkv, mq, P]
+    P = idx.shape[-1]
+
+    lv = levels.to(torch.int64)
+    any_state = bool((lv == STATE).any())
+    if any_state:
+        kt = kc.reshape(b, hkv, mk, T, d)
+        vt = vc.reshape(b, hkv, mk, T, dv)
+        wt = valid.reshape(b, 1, mk, T, 1).to(cd)
+        if state_phi is None:
+            lk = _log_features(kt, feature_proj.to(cd), scale)  # [B,Hkv,mk,T,F]
+            lk = torch.where(wt > 0, lk, torch.full_like(lk, -math.inf))
+            ck = lk.amax(dim=(2, 3, 4), keepdim=True).clamp_min(-1e30)
+            phik = torch.exp(lk - ck)
+            ck = ck.reshape(b, hkv, 1, 1)
+        else:
+            phik = state_phi(kt) * wt
+            ck = None
+        s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt)  # [B,Hkv,mk,F,Dv]
+        z_tile = phik.sum(3)  # [B,Hkv,mk,F]
+        smask = (lv == STATE).to(cd)  # [B,Hkv,mq,mk]
+        s_row = torch.einsum("bhji,bhifd->bhjfd", smask, s_tile)
+        z_row = torch.einsum("bhji,bhif->bhjf", smask, z_tile)
+
+    out = torch.empty(b, hkv, mq, G * T, dv, dtype=cd, device=q.device)
+    per_tile = b * hkv * G * T * P * cd.itemsize * 4 + b * hkv * P * (d + dv) * cd.itemsize
+    chunk = max(1, int(chunk_bytes // max(per_tile, 1)))
+    for c0 in range(0, mq, chunk):
+        c1 = min(mq, c0 + chunk)
+        ii = idx[:, :, c0:c1].reshape(b, hkv, -1)
+        kg = bank_k.gather(2, ii[..., None].expand(-1, -1, -1, d)).reshape(b, hkv, c1 - c0, P, d)
+        vg = bank_v.gather(2, ii[..., None].expand(-1, -1, -1, dv)).reshape(b, hkv, c1 - c0, P, dv)
+        lc = bank_lc[:, None, :].expand(b, hkv, -1).gather(2, ii).reshape(b, hkv, c1 - c0, P)
+        pos = bank_pos[ii].reshape(b, hkv, c1 - c0, P)
+        okc = ok[:, :, c0:c1]
+        s = torch.matmul(qc[:, :, c0:c1], kg.transpose(-1, -2)) * scale  # [B,Hkv,c,G*T,P]
+        bias = torch.where(okc, lc, torch.full_like(lc, -math.inf))
+        s = s + bias[:, :, :, None, :]
+        qp = qpos[c0:c1][None, None, :, :, None]  # [1,1,c,G*T,1]
+        ep = pos[:, :, :, None, :]  # [B,Hkv,c,1,P]
+        blocked = torch.zeros((), dtype=torch.bool, device=q.device)
+        if causal:
+            blocked = blocked | (ep > qp)
+        if window is not None:
+            blocked = blocked | ((ep >= 0) & (ep <= qp - window))
+        s = s.masked_fill(blocked, -math.inf)
+        m = s.amax(-1, keepdim=True)  # [B,Hkv,c,G*T,1]
+        if any_state:
+            sr, zr = s_row[:, :, c0:c1], z_row[:, :, c0:c1]
+            qt = qc[:, :, c0:c1]
+            if state_phi is None:
+                lq = _log_features(qt, feature_proj.to(cd), scale)  # [B,Hkv,c,G*T,F]
+                lq = lq + ck[..., None]  # keys' stabiliser moved to the query side
+                has = (zr > 0).any(-1)[:, :, :, None, None]  # [B,Hkv,c,1,1]
+                ms = torch.where(has, lq.amax(-1, keepdim=True), torch.full_like(m, -math.inf))
+                m = torch.maximum(m, ms)
+                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+                wq = torch.exp(lq - m)
+            else:
+                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+                wq = state_phi(qt) * torch.exp(-m)
+            num_s = torch.einsum("bhcqf,bhcfd->bhcqd", wq, sr)
+            den_s = torch.einsum("bhcqf,bhcf->bhcq", wq, zr)[..., None]
+        else:
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            num_s = den_s = 0.0
+        e = torch.exp(s - m)
+        num = torch.matmul(e, vg) + num_s
+        den = e.sum(-1, keepdim=True) + den_s
+        out[:, :, c0:c1] = torch.where(den > 0, num / den.clamp_min(torch.finfo(cd).tiny), 0.0)
+
+    out = out.reshape(b, hkv, mq, G, T, dv).permute(0, 1, 3, 2, 4, 5).reshape(b, h, mq * T, dv)
+    return out[:, :, qpad_front:qpad_front + nq].to(q.dtype)
+
+
+def tiled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    *,
+    scale: float,
+    is_causal: bool,
+    params: TileParams,
+    seed: int = 0,
+    feature_proj: torch.Tensor | None = None,
+    chunk_bytes: int = 256 * 2**20,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """Tiled attention with the run-time level rule: the operator's CPU path.
+
+    Takes the arguments of ``scaled_dot_product_attention`` (GQA when
+    ``H > Hkv``) plus the site's tile parameters. Anything the tiled path
+    cannot express exactly in structure is computed exactly: a mask that is a
+    bias, rows a mask's structure does not reproduce, a query block that is
+    neither the whole sequence nor one token, a sequence of one tile or less.
+    ``stats`` (a dict), when given, receives what was done.
+    """
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+
+    def exact(reason: str) -> torch.Tensor:
+        if stats is not None:
+            stats["path"] = "exact"
+            stats["reason"] = reason
+        return exact_attention(q, k, v, attn_mask, scale, is_causal)
+
+    if params.budget >= 1.0 and params.budget_reads is None:
+        return exact("budget 1.0 keeps every tile exact")
+    if nk <= params.tile * params.window:
+        return exact("sequence within the near field")
+    if nq != nk and nq != 1:
+        return exact("query block is neither the full sequence nor one token")
+
+    causal = bool(is_causal)
+    window = None
+    key_valid = None
+    bad_rows = None
+    if attn_mask is not None:
+        st = read_mask(attn_mask, nq, nk, b)
+        if st is None:
+            return exact("mask is an additive bias or differs by head")
+        causal, window, key_valid, bad_rows = st.causal, st.window, st.key_valid, st.bad_rows
+        if bad_rows is not None and float(bad_rows.float().mean()) > 0.25:
+            return exact("mask structure reproduces too few rows")
+    elif is_causal and nq != nk:
+        # SDPA aligns is_causal to the top left; one query at the end of the keys sees key 0 only.
+        return exact("causal with a single query under SDPA's top-left alignment")
+    if nq == 1 and not causal:
+        causal = True  # one query at the end sees every earlier key: same as causal
+
+    T = params.tile
+    mk = -(-nk // T)
+    npad = mk * T
+    valid = torch.ones(b, nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+    validp = F.pad(valid, (0, npad - nk), value=False)
+    kc = F.pad(k.to(_compute_dtype(q)), (0, 0, 0, npad - nk))
+    density = tile_density(kc, validp, T)
+    jq0 = (nk - nq) // T
+    q_tiles = torch.arange(jq0, mk, device=q.device)
+    levels = build_levels(
+        density, q_tiles, params, causal=causal, window=window,
+        tile_valid=validp.reshape(b, mk, T).any(-1), nk=nk,
+    )
+    if params.state_features > 0 and feature_proj is None and bool((levels == STATE).any()):
+        feature_proj = random_features(d, params.state_features, hkv, seed, q.device,
+                                       _compute_dtype(q))
+    out = tiled_attention_from_levels(
+        q, k, v, levels, scale=scale, causal=causal, tile=T, window=window,
+        key_valid=key_valid, feature_proj=feature_proj, chunk_bytes=chunk_bytes,
+    )
+    if bad_rows is not None:
+        out = _repair_rows(out, q, k, v, attn_mask, scale, bad_rows)
+    if stats is not None:
+        from .levels import level_reads
+
+        stats["path"] = "tiled"
+        stats["levels"] = levels
+        stats["reads_per_query"] = float(level_reads(levels, T, params.state_features).mean())
+        stats["exact_reads_per_query"] = _exact_reads(nq, nk, causal, window, valid)
+    return out
+
+
+def _exact_reads(nq: int, nk: int, causal: bool, window: int | None, valid: torch.Tensor) -> float:
+    qpos = torch.arange(nk - nq, nk, device=valid.device, dtype=torch.float64)
+    n = qpos + 1 if causal else torch.full_like(qpos, float(nk))
+    if window is not None:
+        n = n.clamp(max=float(window))
+    return float(n.mean())
+
+
+def _repair_rows(out, q, k, v, attn_mask, scale, bad_rows):
+    """Recompute exactly the rows whose mask the tiled structure does not express."""
+    bi, qi = bad_rows.nonzero(as_tuple=True)
+    b, h, nq, d = q.shape
+    mask = attn_mask
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    mask = mask.expand(b, mask.shape[1], nq, k.shape[2])
+    qs = q[bi, :, qi][:, :, None, :]  # [R, H, 1, D]
+    ms = mask[bi, :, qi][:, :, None, :]
+    rows = exact_attention(qs, k[bi], v[bi], ms, scale, False)  # [R, H, 1, D]
+    out = out.clone()
+    out[bi, :, qi] = rows[:, :, 0].to(out.dtype)
+    return out
+
+
+# levels of a table, for readers of this module
+LEVEL_NAMES = {EXACT: "EXACT", NONE: "NONE", STATE: "STATE"}
