@@ -99,7 +99,7 @@ def tiled_attention(
     out = _tiled_reference(
         q, k, v, attn_mask, scale=scale, is_causal=is_causal, params=params, seed=seed,
         stats=stats,
-    )
+    ).contiguous()
     if store is not None:
         rec = {
             "path": stats.get("path"),
