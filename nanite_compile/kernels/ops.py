@@ -132,22 +132,57 @@ def _setup_context(ctx, inputs, output):
     ctx.rest = inputs[4:]
 
 
-def _backward(ctx, grad):
-    """Gradient of the same tiled computation (recomputed in PyTorch).
+@torch.library.custom_op("nanite::tiled_attention_backward", mutates_args=(), device_types=None)
+def tiled_attention_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    tile: int,
+    window: int,
+    anchors: int,
+    horizon: int,
+    budget: float,
+    budget_reads: int,
+    state_features: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``tiled_attention`` w.r.t. q, k, v (recomputed in PyTorch).
 
     The level table depends on the keys only through a discrete choice, so it
-    is held fixed: the gradient is that of the chosen tiled attention.
+    is held fixed: the gradient is that of the chosen tiled attention. Its own
+    op, so that tracing (AOT autograd, export) sees one opaque call.
     """
+    params = _params(tile, window, anchors, horizon, budget, budget_reads, state_features)
+    # the op body runs below the autograd key; torch.func builds its own graph
+    def f(q_, k_, v_):
+        return _tiled_reference(q_, k_, v_, attn_mask, scale=scale, is_causal=is_causal,
+                                params=params, seed=seed)
+
+    _, vjp = torch.func.vjp(f, q, k, v)
+    gq, gk, gv = vjp(grad)
+    return gq.contiguous(), gk.contiguous(), gv.contiguous()
+
+
+@tiled_attention_backward.register_fake
+def _(grad, q, k, v, attn_mask, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask = inputs[:4]
+    ctx.save_for_backward(q, k, v, attn_mask if attn_mask is not None else q.new_empty(0))
+    ctx.has_mask = attn_mask is not None
+    ctx.rest = inputs[4:-1]  # the plan scalars, without the site name
+
+
+def _backward(ctx, grad):
     q, k, v, mask = ctx.saved_tensors
     mask = mask if ctx.has_mask else None
-    (scale, is_causal, tile, window, anchors, horizon, budget, budget_reads, state_features,
-     seed, _site) = ctx.rest
-    params = _params(tile, window, anchors, horizon, budget, budget_reads, state_features)
-    with torch.enable_grad():
-        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = _tiled_reference(qd, kd, vd, mask, scale=scale, is_causal=is_causal,
-                               params=params, seed=seed)
-        gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), grad, allow_unused=True)
+    gq, gk, gv = tiled_attention_backward(grad.contiguous(), q, k, v, mask, *ctx.rest)
     return gq, gk, gv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
