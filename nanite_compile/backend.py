@@ -1,0 +1,102 @@
+"""The ``nanite`` torch.compile backend.
+
+Registered once, through the ``torch_dynamo_backends`` entry point in
+pyproject.toml, so ``torch.compile(model, backend="nanite",
+options={"budget": 0.25})`` works after ``pip install``. Each captured graph
+runs through the passes (find attention, rewrite it); the rest of the graph
+goes on to inductor, or runs as captured with ``inner="eager"``.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+import torch.fx as fx
+
+from .config import NaniteConfig
+from .passes import PassContext, run_passes
+
+_LOCK = threading.Lock()
+# parameter id -> site lists of the graphs that took that parameter as input;
+# nanite_compile.report(compiled_model) finds its sites through its parameters.
+# Entries go away with their parameter.
+_BY_TENSOR: dict[int, list[list]] = {}
+
+
+def _forget(key: int) -> None:
+    with _LOCK:
+        _BY_TENSOR.pop(key, None)
+
+
+class NaniteBackend:
+    """A Dynamo backend instance: one configuration, the sites it rewrote.
+
+    Args:
+        config: the configuration (budget, tile parameters, inner compiler).
+        site_prefix: module path prepended to site names (used by ``convert``).
+        plans: per-site tile parameter overrides.
+        inner: overrides ``config.inner``.
+    """
+
+    def __init__(self, config: NaniteConfig | None = None, *, site_prefix: str = "",
+                 plans: dict | None = None, inner: str | None = None) -> None:
+        self.config = config or NaniteConfig()
+        self.site_prefix = site_prefix
+        self.plans = dict(plans or {})
+        self.inner = inner or self.config.inner
+        self.sites: list = []
+        self.counters: dict = {}
+        self.graphs = 0
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        ctx = PassContext(self.config, site_prefix=self.site_prefix, plans=self.plans,
+                          graph_index=self.graphs)
+        self.graphs += 1
+        run_passes(gm, ctx)
+        self._remember(ctx, example_inputs)
+        if self.inner == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    def _remember(self, ctx: PassContext, example_inputs) -> None:
+        known = {s.site for s in self.sites}
+        self.sites.extend(s for s in ctx.sites if s.site not in known)
+        for k, v in ctx.counters.items():
+            self.counters[k] = self.counters.get(k, 0) + v
+        graph_sites = list(ctx.sites)
+        with _LOCK:
+            for t in example_inputs:
+                if isinstance(t, torch.nn.Parameter):
+                    key = id(t)
+                    if key not in _BY_TENSOR:
+                        weakref.finalize(t, _forget, key)
+                    _BY_TENSOR.setdefault(key, []).append(graph_sites)
+
+
+def sites_for(module: torch.nn.Module) -> list:
+    """Sites of the graphs compiled by the nanite backend that use ``module``'s parameters."""
+    found: list = []
+    seen: set[int] = set()
+    with _LOCK:
+        for p in module.parameters():
+            for graph_sites in _BY_TENSOR.get(id(p), []):
+                if id(graph_sites) in seen:
+                    continue
+                seen.add(id(graph_sites))
+                found.extend(graph_sites)
+    return found
+
+
+def nanite_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
+    """Entry point of ``torch.compile(..., backend="nanite", options={...})``.
+
+    ``options`` are `NaniteConfig` fields; unknown ones raise.
+    """
+    if kwargs:
+        raise TypeError(f"unexpected arguments to the nanite backend: {sorted(kwargs)}")
+    backend = NaniteBackend(NaniteConfig.from_options(options))
+    return backend(gm, example_inputs)

@@ -1,0 +1,99 @@
+"""Find ``scaled_dot_product_attention`` calls, at the Dynamo and the ATen level."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .base import AttentionMatch, PassContext, module_path, node_shape, node_value
+
+_SDPA_TARGETS = {
+    F.scaled_dot_product_attention,
+    torch._C._nn.scaled_dot_product_attention,
+}
+_ATEN_SDPA = {torch.ops.aten.scaled_dot_product_attention.default}
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                  "enable_gqa": False}
+
+
+def _bound_args(node: fx.Node) -> dict:
+    bound = dict(_SDPA_DEFAULTS)
+    for name, arg in zip(_SDPA_ARGS, node.args):
+        bound[name] = arg
+    bound.update(node.kwargs)
+    return bound
+
+
+def find_sdpa(gm: fx.GraphModule, ctx: PassContext) -> list[AttentionMatch]:
+    """Every SDPA call in ``gm``, with the reason when it cannot be rewritten."""
+    matches = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _SDPA_TARGETS:
+            pattern = "sdpa"
+        elif node.target in _ATEN_SDPA:
+            pattern = "aten_sdpa"
+        else:
+            continue
+        a = _bound_args(node)
+        m = AttentionMatch(
+            pattern=pattern,
+            output=node,
+            q=a["query"],
+            k=a["key"],
+            v=a["value"],
+            mask=a["attn_mask"],
+            scale=a["scale"],
+            is_causal=a["is_causal"],
+            module_path=module_path(node),
+        )
+        m.mask_kind = mask_kind_of(m.mask, m.is_causal)
+        m.skip_reason = sdpa_skip_reason(a)
+        ctx.count(f"found_{pattern}")
+        matches.append(m)
+    return matches
+
+
+def mask_kind_of(mask, is_causal) -> str:
+    if mask is None:
+        return "causal" if is_causal is True else "none"
+    val = node_value(mask)
+    if isinstance(val, torch.Tensor) and val.dtype == torch.bool:
+        return "dense-bool"
+    return "dense-additive"
+
+
+def sdpa_skip_reason(a: dict) -> str | None:
+    """Why an SDPA call must stay exact, or None."""
+    drop = a["dropout_p"]
+    if isinstance(drop, fx.Node) or (drop not in (0, 0.0)):
+        return "dropout_p is not 0 (training-time dropout inside attention)"
+    if isinstance(a["is_causal"], fx.Node):
+        return "is_causal is not a constant"
+    if a["is_causal"] and a["attn_mask"] is not None:
+        return "is_causal together with attn_mask"
+    q, k, v = (node_shape(a[n]) for n in ("query", "key", "value"))
+    if q is None or k is None or v is None:
+        return "q/k/v shapes unknown in the captured graph"
+    if len(q) != 4 or len(k) != 4 or len(v) != 4:
+        return f"q/k/v are not 4-D [B, H, N, D] (got {len(q)}-D)"
+    hq, hk = q[1], k[1]
+    if hq != hk and not a["enable_gqa"]:
+        return "query and key head counts differ without enable_gqa"
+    try:
+        if int(hq) % int(hk):
+            return "query heads not a multiple of key/value heads"
+    except TypeError:
+        return "head counts are symbolic"
+    mask = a["attn_mask"]
+    if mask is not None:
+        ms = node_shape(mask)
+        if ms is None:
+            return "mask shape unknown"
+        val = node_value(mask)
+        if isinstance(val, torch.Tensor) and not (val.dtype == torch.bool or val.is_floating_point()):
+            return f"mask dtype {val.dtype} is neither bool nor floating"
+    return None

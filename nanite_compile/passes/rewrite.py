@@ -1,0 +1,156 @@
+"""Replace each rewritable attention match by one ``nanite::tiled_attention`` call.
+
+Before rewriting, the chain is checked on the graph (networkx): every interior
+node of the chain may only be used inside the chain, so deleting it changes
+nothing else (an intermediate that escapes, e.g. attention weights returned to
+the caller, leaves the site exact with that reason).
+"""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from ..kernels import ops  # noqa: F401  (registers torch.ops.nanite.*)
+from ..kernels.levels import TileParams
+from ..report import SiteReport
+from .base import AttentionMatch, PassContext, node_shape
+
+
+def graph_to_nx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for user in node.users:
+            g.add_edge(node, user)
+    return g
+
+
+def escaping_nodes(m: AttentionMatch) -> list[fx.Node]:
+    """Interior nodes of a chain used outside it (the output itself may be used anywhere)."""
+    inside = set(m.interior) | {m.output}
+    return [n for n in m.interior if any(u not in inside for u in n.users)]
+
+
+def check_chain(m: AttentionMatch, g: nx.DiGraph) -> str | None:
+    """Why the chain cannot be replaced as a unit, or None.
+
+    The chain is safe when no interior node escapes and the inputs q, k, v, mask
+    do not depend on the chain (no cycle after the rewrite): the output must
+    be the only node through which the chain reaches the rest of the graph.
+    """
+    esc = escaping_nodes(m)
+    if esc:
+        names = ", ".join(n.name for n in esc[:3])
+        return f"intermediate result(s) {names} of the attention are used elsewhere"
+    inside = set(m.interior) | {m.output}
+    for inp in (m.q, m.k, m.v, m.mask):
+        if isinstance(inp, fx.Node) and inp in g and any(a in inside for a in nx.ancestors(g, inp) | {inp}):
+            return "an input of the attention depends on the attention itself"
+    return None
+
+
+def site_params(ctx: PassContext, site: str) -> TileParams:
+    cfg = ctx.config
+    over = ctx.plans.get(site, {})
+    return TileParams(
+        tile=over.get("tile", cfg.tile),
+        window=over.get("window", cfg.window),
+        anchors=over.get("anchors", cfg.anchors),
+        horizon=over.get("horizon", cfg.horizon),
+        budget=over.get("budget", cfg.budget),
+        budget_reads=over.get("budget_reads", cfg.budget_reads),
+        state_features=over.get("state_features", cfg.state_features),
+    )
+
+
+def _shape_list(shape) -> list | None:
+    if shape is None:
+        return None
+    out = []
+    for s in shape:
+        try:
+            out.append(int(s))
+        except (TypeError, ValueError):
+            out.append(str(s))
+    return out
+
+
+def rewrite_matches(gm: fx.GraphModule, matches: list[AttentionMatch], ctx: PassContext) -> int:
+    """Rewrite every match without a skip reason; record every match in ``ctx.sites``.
+
+    Returns:
+        The number of rewritten sites.
+    """
+    g = graph_to_nx(gm.graph)
+    rewritten = 0
+    for idx, m in enumerate(matches):
+        if m.skip_reason is None:
+            m.skip_reason = check_chain(m, g)
+        path = m.module_path or ctx.site_prefix
+        if ctx.site_prefix and not path.startswith(ctx.site_prefix):
+            path = f"{ctx.site_prefix}.{path}" if path else ctx.site_prefix
+        site = f"{path or '<root>'}#{ctx.graph_index}.{idx}"
+        params = site_params(ctx, site)
+        q_shape, k_shape = node_shape(m.q), node_shape(m.k)
+        rec = SiteReport(
+            site=site,
+            module_path=path,
+            pattern=m.pattern,
+            mask_kind=m.mask_kind,
+            q_shape=_shape_list(q_shape),
+            k_shape=_shape_list(k_shape),
+            status="skipped" if m.skip_reason else "rewritten",
+            reason=m.skip_reason or "",
+            plan=_plan_dict(params) if not m.skip_reason else {},
+        )
+        ctx.sites.append(rec)
+        if m.skip_reason:
+            ctx.count("skipped")
+            continue
+        _emit(gm, m, params, site, ctx)
+        rewritten += 1
+        ctx.count("rewritten")
+    if rewritten:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten
+
+
+def _plan_dict(p: TileParams) -> dict:
+    return {
+        "tile": p.tile, "window": p.window, "anchors": p.anchors, "horizon": p.horizon,
+        "budget": p.budget, "budget_reads": p.budget_reads, "state_features": p.state_features,
+    }
+
+
+def _emit(gm: fx.GraphModule, m: AttentionMatch, p: TileParams, site: str, ctx: PassContext) -> None:
+    graph = gm.graph
+    out = m.output
+    with graph.inserting_before(out):
+        q, k, v, mask = m.q, m.k, m.v, m.mask
+        if m.view_4d:
+            q, k, v = (graph.call_method("unsqueeze", (t, 0)) for t in (q, k, v))
+            if isinstance(mask, fx.Node):
+                mask = graph.call_method("unsqueeze", (mask, 0))
+        scale = m.scale
+        if scale is None:
+            d = node_shape(m.q)[-1]
+            scale = 1.0 / math.sqrt(int(d))
+        new = graph.call_function(
+            torch.ops.nanite.tiled_attention.default,
+            (q, k, v, mask, scale, bool(m.is_causal), p.tile, p.window, p.anchors,
+             -1 if p.horizon is None else p.horizon, p.budget,
+             0 if p.budget_reads is None else p.budget_reads, p.state_features,
+             ctx.config.seed, site),
+        )
+        if m.view_4d:
+            new = graph.call_method("squeeze", (new, 0))
+    new.meta.update({k_: v_ for k_, v_ in out.meta.items() if k_ in ("val", "example_value",
+                                                                   "nn_module_stack", "stack_trace")})
+    out.replace_all_uses_with(new)
+    graph.erase_node(out)

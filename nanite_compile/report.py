@@ -1,0 +1,184 @@
+"""The rewrite report: every attention site, what was done, why, at what cost and error.
+
+Data (`SiteReport`, `RewriteReport`) is kept apart from its presentation
+(`format_table`); the JSON form round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+_REPORT_VERSION = 1
+
+
+@dataclass
+class SiteReport:
+    """One attention site.
+
+    Attributes:
+        site: unique site name, ``<module path>#<graph>.<index>``.
+        module_path: dotted path of the module that computes it.
+        pattern: the pattern that matched (``sdpa``, ``aten_sdpa``, ``eager``, ...).
+        mask_kind: what the graph says about the mask; ``runtime_mask`` what
+            the mask turned out to be on the measured input.
+        q_shape, k_shape: shapes in the captured graph (symbolic sizes as strings).
+        status: ``rewritten`` or ``skipped``.
+        reason: why it was skipped (empty when rewritten).
+        plan: the tile parameters the site runs with.
+        runtime_path: on the measured input, ``tiled`` or ``exact`` (and why, in ``runtime_reason``).
+        reads_per_query, exact_reads_per_query: key reads per query, converted and original.
+        flops_before, flops_after: attention matmul FLOPs on the measured input.
+        rel_error: relative L2 error of the site's output against exact attention
+            on the measured input.
+    """
+
+    site: str
+    module_path: str
+    pattern: str
+    mask_kind: str
+    q_shape: list | None
+    k_shape: list | None
+    status: str
+    reason: str = ""
+    plan: dict = field(default_factory=dict)
+    runtime_path: str | None = None
+    runtime_reason: str = ""
+    runtime_mask: str = ""
+    reads_per_query: float | None = None
+    exact_reads_per_query: float | None = None
+    flops_before: float | None = None
+    flops_after: float | None = None
+    rel_error: float | None = None
+    measured_shape: list | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SiteReport:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown site report fields {sorted(unknown)}")
+        return cls(**d)
+
+    def absorb(self, records: list[dict]) -> None:
+        """Fill the run-time columns from the op's records of one measured forward."""
+        if not records:
+            return
+        rec = records[-1]
+        self.runtime_path = rec.get("path")
+        self.runtime_reason = rec.get("reason", "")
+        self.runtime_mask = rec.get("mask", "")
+        self.measured_shape = rec.get("q_shape")
+        exact = rec.get("exact_reads_per_query")
+        reads = rec.get("reads_per_query")
+        qs = rec.get("q_shape") or [1, 1, 1, 1]
+        nq_total = qs[0] * qs[1] * qs[2]
+        dim = qs[3]
+        if self.runtime_path == "exact":
+            reads = exact
+        if exact is not None:
+            self.exact_reads_per_query = float(exact)
+            self.flops_before = 4.0 * nq_total * dim * float(exact)
+        if reads is not None:
+            self.reads_per_query = float(reads)
+            self.flops_after = 4.0 * nq_total * dim * float(reads)
+        if "rel_error" in rec:
+            self.rel_error = float(rec["rel_error"])
+
+
+@dataclass
+class RewriteReport:
+    """All attention sites of one converted model (or one torch.compile'd model)."""
+
+    model: str
+    config: dict
+    sites: list[SiteReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    @property
+    def skipped(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "skipped"]
+
+    def summary(self) -> dict:
+        before = sum(s.flops_before or 0.0 for s in self.sites)
+        after = sum(s.flops_after or 0.0 for s in self.sites)
+        return {
+            "sites": len(self.sites),
+            "rewritten": len(self.rewritten),
+            "skipped": len(self.skipped),
+            "attention_flops_before": before,
+            "attention_flops_after": after,
+            "flops_ratio": (after / before) if before else None,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "version": _REPORT_VERSION,
+            "model": self.model,
+            "config": self.config,
+            "sites": [s.to_dict() for s in self.sites],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RewriteReport:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != _REPORT_VERSION:
+            raise ValueError(
+                f"not a nanite_compile report (version {_REPORT_VERSION} expected); "
+                "write it with RewriteReport.to_json()"
+            )
+        return cls(
+            model=str(data["model"]),
+            config=dict(data["config"]),
+            sites=[SiteReport.from_dict(s) for s in data["sites"]],
+            notes=[str(n) for n in data.get("notes", [])],
+        )
+
+    def __str__(self) -> str:
+        return format_table(self)
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"RewriteReport(model={self.model!r}, sites={s['sites']}, "
+                f"rewritten={s['rewritten']}, skipped={s['skipped']})")
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def format_table(rep: RewriteReport) -> str:
+    """The report as a text table (tabulate) with a summary line."""
+    from tabulate import tabulate
+
+    rows = []
+    for s in rep.sites:
+        ratio = (s.reads_per_query / s.exact_reads_per_query
+                 if s.reads_per_query is not None and s.exact_reads_per_query else None)
+        why = s.reason if s.status == "skipped" else (
+            s.runtime_reason if s.runtime_path == "exact" else "")
+        rows.append([
+            s.module_path or "<root>", s.pattern, s.runtime_mask or s.mask_kind, s.status,
+            s.runtime_path or "", _fmt(ratio, ".3f"), _fmt(s.rel_error, ".2e"), why,
+        ])
+    table = tabulate(rows, headers=["module", "pattern", "mask", "status", "ran", "reads/orig",
+                                    "rel. error", "reason"], tablefmt="simple")
+    sm = rep.summary()
+    ratio = "" if sm["flops_ratio"] is None else f", attention FLOPs x{sm['flops_ratio']:.3f}"
+    head = (f"nanite_compile report for {rep.model}: {sm['sites']} attention sites, "
+            f"{sm['rewritten']} rewritten, {sm['skipped']} skipped{ratio}")
+    notes = "".join(f"\nnote: {n}" for n in rep.notes)
+    return f"{head}\n{table}{notes}"
