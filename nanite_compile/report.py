@@ -19,7 +19,7 @@ class SiteReport:
     """One attention site.
 
     Attributes:
-        site: unique site name, ``<module path>#<graph>.<index>``.
+        site: unique site name: the module path, with ``[i]`` when a module computes several.
         module_path: dotted path of the module that computes it.
         pattern: the pattern that matched (``sdpa``, ``aten_sdpa``, ``eager``, ...).
         mask_kind: what the graph says about the mask; ``runtime_mask`` what

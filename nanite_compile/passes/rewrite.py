@@ -93,7 +93,11 @@ def rewrite_matches(gm: fx.GraphModule, matches: list[AttentionMatch], ctx: Pass
         path = m.module_path or ctx.site_prefix
         if ctx.site_prefix and not path.startswith(ctx.site_prefix):
             path = f"{ctx.site_prefix}.{path}" if path else ctx.site_prefix
-        site = f"{path or '<root>'}#{ctx.graph_index}.{idx}"
+        # one name per attention site, stable across recompiles of the same code
+        same = [o for o in matches if (o.module_path or ctx.site_prefix) == (m.module_path or ctx.site_prefix)]
+        site = path or "<root>"
+        if len(same) > 1:
+            site = f"{site}[{same.index(m)}]"
         params = site_params(ctx, site)
         q_shape, k_shape = node_shape(m.q), node_shape(m.k)
         rec = SiteReport(

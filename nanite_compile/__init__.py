@@ -1,0 +1,16 @@
+"""nanite_compile: rewrite the attention of an existing PyTorch model into tiled,
+level-of-detail attention under a compute budget.
+
+    converted = nanite_compile.convert(model, budget=0.25)
+    print(nanite_compile.report(converted))
+
+or ``torch.compile(model, backend="nanite", options={"budget": 0.25})``.
+Importing this package imports neither Triton nor CUDA.
+"""
+
+from .api import convert, report
+from .config import NaniteConfig
+from .report import RewriteReport, SiteReport
+
+__all__ = ["convert", "report", "NaniteConfig", "RewriteReport", "SiteReport"]
+__version__ = "0.1.0"

@@ -1,0 +1,331 @@
+"""The public entry points: ``convert`` and ``report``.
+
+``convert`` works on a copy of the model that shares its parameters:
+
+1. *discover*: one forward on a probe input (the calibration tokens, or a
+   synthetic input for a Hugging Face model) records which modules call
+   attention-like functions (SDPA, softmax, multi-head attention);
+2. *capture and rewrite*: each such module's ``forward`` is captured by
+   TorchDynamo (dynamic shapes, so a new length does not recompile) and the
+   ``nanite`` passes rewrite every attention they can prove safe into the
+   tiled operator; the rest of the captured code runs as captured;
+3. *measure*: a second probe forward records, per site, which path ran, key
+   reads against the original and the error against exact attention.
+
+The copy keeps the model's class, ``state_dict`` and methods (``generate``).
+Without a probe input (a plain module and no calibration), discovery runs on
+the first real forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .backend import NaniteBackend, sites_for
+from .config import NaniteConfig, check_budget
+from .kernels.ops import recording
+from .report import RewriteReport
+
+_UNSET: Any = object()
+_PROBE_TOKENS = 1024
+
+# functions whose caller is an attention candidate
+_ATTENTION_FUNCS = {
+    F.scaled_dot_product_attention,
+    F.multi_head_attention_forward,
+    F.softmax,
+    torch.softmax,
+    torch.Tensor.softmax,
+    torch._native_multi_head_attention,
+}
+
+
+@dataclass
+class _NaniteState:
+    """What convert attached to the converted model (not part of its state_dict)."""
+
+    config: NaniteConfig
+    backends: dict = field(default_factory=dict)  # module path -> NaniteBackend
+    installed: list = field(default_factory=list)  # module paths with a captured forward
+    pending: bool = False
+    notes: list = field(default_factory=list)
+    records: dict = field(default_factory=dict)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"convert() takes a torch.nn.Module, got {type(model).__name__}; for a plain "
+            "function use torch.compile(fn, backend='nanite')"
+        )
+
+
+def _resolve_config(budget: Any, config: Any) -> NaniteConfig:
+    if config is None:
+        cfg = NaniteConfig()
+    elif isinstance(config, NaniteConfig):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = NaniteConfig.from_options(config)
+    else:
+        raise TypeError(
+            f"config must be a NaniteConfig or a dict of its options, got {type(config).__name__}"
+        )
+    if budget is not _UNSET:
+        cfg = cfg.replace(budget=check_budget(budget))
+    return cfg
+
+
+def _share_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` sharing every parameter and buffer."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        memo[id(t)] = t
+    state = model.__dict__.get("_nanite_state")
+    for mod in model.modules():
+        if "forward" in mod.__dict__ and state is not None:
+            memo[id(mod.__dict__["forward"])] = None  # drop a previous conversion's capture
+    if state is not None:
+        memo[id(state)] = None
+    new = copy.deepcopy(model, memo)
+    for mod in new.modules():
+        if mod.__dict__.get("forward", 0) is None:
+            del mod.__dict__["forward"]
+    new.__dict__.pop("_nanite_state", None)
+    return new
+
+
+def _probe_inputs(model: nn.Module, calibration: Any) -> tuple[tuple, dict] | None:
+    """Arguments for a probe forward, or None when none can be made up."""
+    if calibration is not None:
+        first = calibration
+        if not isinstance(calibration, torch.Tensor):
+            if not isinstance(calibration, Iterable):
+                raise TypeError(
+                    "calibration must be a LongTensor [B, N] of token ids or an iterable of them, "
+                    f"got {type(calibration).__name__}"
+                )
+            first = next(iter(calibration), None)
+            if not isinstance(first, torch.Tensor):
+                raise TypeError("calibration must hold tensors of token ids")
+        if first.dim() == 1:
+            first = first[None]
+        name = getattr(model, "main_input_name", None)
+        return ((), {name: first[:1]}) if name else ((first[:1],), {})
+    cfg = getattr(model, "config", None)
+    name = getattr(model, "main_input_name", None)
+    if cfg is None or name is None:
+        return None
+    dev = next(iter(model.parameters()), torch.empty(0)).device
+    if name == "input_ids":
+        vocab = getattr(cfg, "vocab_size", None)
+        if vocab is None and hasattr(cfg, "get_text_config"):
+            vocab = getattr(cfg.get_text_config(), "vocab_size", None)
+        limit = None
+        for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            limit = limit or getattr(cfg, attr, None)
+        n = min(_PROBE_TOKENS, int(limit)) if limit else _PROBE_TOKENS
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, int(vocab or 100), (1, n), generator=g).to(dev)
+        return (), {"input_ids": ids}
+    if name == "pixel_values":
+        size = getattr(cfg, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        ch = getattr(cfg, "num_channels", 3)
+        g = torch.Generator().manual_seed(0)
+        return (), {"pixel_values": torch.randn(1, ch, size, size, generator=g).to(dev)}
+    return None
+
+
+class _Discover(TorchFunctionMode):
+    """Records the innermost module that called an attention-like function."""
+
+    def __init__(self, stack: list) -> None:
+        super().__init__()
+        self.stack = stack
+        self.owners: dict[int, nn.Module] = {}
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        if func in _ATTENTION_FUNCS and self.stack:
+            owner = self.stack[-1]
+            self.owners.setdefault(id(owner), owner)
+        return func(*args, **(kwargs or {}))
+
+
+def _discover(model: nn.Module, args: tuple, kwargs: dict) -> list[nn.Module]:
+    stack: list[nn.Module] = []
+    handles = []
+
+    def enter(mod, args):
+        stack.append(mod)
+
+    def leave(mod, args, out):
+        stack.pop()
+
+    for mod in model.modules():
+        handles.append(mod.register_forward_pre_hook(enter))
+        handles.append(mod.register_forward_hook(leave, always_call=True))
+    mode = _Discover(stack)
+    try:
+        with torch.no_grad(), _mha_fastpath_off(), mode:
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(mode.owners.values())
+
+
+class _mha_fastpath_off:
+    """Route nn.MultiheadAttention / TransformerEncoderLayer through their traceable path."""
+
+    def __enter__(self):
+        self.prev = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def __exit__(self, *exc):
+        torch.backends.mha.set_fastpath_enabled(self.prev)
+
+
+def _fresh_function(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of ``fn`` with its own code object, so Dynamo caches it per module."""
+    new = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__,
+                             fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    new.__doc__ = fn.__doc__
+    return new
+
+
+def _install(module: nn.Module, backend: NaniteBackend) -> None:
+    fwd = module.forward
+    fn = fwd.__func__ if isinstance(fwd, types.MethodType) else type(module).forward
+    compiled = torch.compile(_fresh_function(fn), backend=backend, dynamic=True)
+    module.forward = types.MethodType(compiled, module)
+
+
+def _wrap_root_fastpath(model: nn.Module) -> None:
+    """Run the model's forward with the MHA fast path off (it bypasses the capture)."""
+    fwd = model.forward
+    fn = fwd.__func__ if isinstance(fwd, types.MethodType) else type(model).forward
+
+    def forward(self, *args, **kwargs):
+        with _mha_fastpath_off():
+            return fn(self, *args, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _capture(converted: nn.Module, state: _NaniteState, args: tuple, kwargs: dict) -> None:
+    owners = _discover(converted, args, kwargs)
+    paths = {id(m): n for n, m in converted.named_modules()}
+    for owner in owners:
+        path = paths.get(id(owner), "")
+        backend = NaniteBackend(state.config, site_prefix=path, inner="eager")
+        state.backends[path] = backend
+        _install(owner, backend)
+        state.installed.append(path)
+    if any(isinstance(m, nn.MultiheadAttention) for m in owners) and converted not in owners:
+        _wrap_root_fastpath(converted)
+
+
+def _measure(converted: nn.Module, state: _NaniteState, args: tuple, kwargs: dict) -> None:
+    with torch.no_grad(), recording(measure_error=True) as rec:
+        converted(*args, **kwargs)
+    state.records = rec
+    mods = dict(converted.named_modules())
+    for path in list(state.installed):
+        backend = state.backends[path]
+        if not backend.sites:  # a softmax that is no attention: give the module back
+            del mods[path].__dict__["forward"]
+            state.installed.remove(path)
+            del state.backends[path]
+            continue
+        for site in backend.sites:
+            site.absorb(rec.get(site.site, []))
+
+
+def convert(
+    model: nn.Module,
+    *,
+    budget: float = _UNSET,
+    calibration: Any = None,
+    config: NaniteConfig | dict | None = None,
+) -> nn.Module:
+    """Convert every attention of ``model`` into tiled attention under a budget.
+
+    Args:
+        model: any ``torch.nn.Module`` (Hugging Face models keep ``generate``).
+            It is not modified.
+        budget: share of the original attention's key reads to keep, in
+            ``(0, 1]`` (default 0.25; 1.0 keeps attention exact). Overrides
+            ``config.budget``.
+        calibration: token ids ``[B, N]`` (or an iterable of them) run through
+            the model to find and measure its attention sites. Without it a
+            Hugging Face model is probed with synthetic tokens, and any other
+            module is captured on its first forward.
+        config: a `NaniteConfig` or a dict of its options.
+
+    Returns:
+        A model of the same class sharing ``model``'s parameters, whose
+        attention runs as ``torch.ops.nanite.tiled_attention``. See
+        `report` for what was done.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or an option has the wrong type.
+        ValueError: ``budget`` is outside ``(0, 1]`` or NaN.
+    """
+    _check_model(model)
+    cfg = _resolve_config(budget, config)
+    converted = _share_copy(model)
+    state = _NaniteState(config=cfg)
+    converted.__dict__["_nanite_state"] = state
+    probe = _probe_inputs(converted, calibration)
+    if probe is None:
+        state.pending = True
+        state.notes.append("no probe input: attention sites are found at the first forward")
+        handle = None
+
+        def first_call(mod, args, kwargs):
+            handle.remove()
+            state.pending = False
+            state.notes.clear()
+            _capture(mod, state, args, kwargs)
+
+        handle = converted.register_forward_pre_hook(first_call, with_kwargs=True)
+        return converted
+    was_training = converted.training
+    _capture(converted, state, *probe)
+    _measure(converted, state, *probe)
+    converted.train(was_training)
+    return converted
+
+
+def report(model: nn.Module) -> RewriteReport:
+    """The rewrite report of a converted (or ``torch.compile(backend="nanite")``) model.
+
+    Raises:
+        ValueError: the model was neither converted nor compiled with the nanite backend.
+    """
+    _check_model(model)
+    state = model.__dict__.get("_nanite_state")
+    if state is not None:
+        sites = [s for be in state.backends.values() for s in be.sites]
+        return RewriteReport(model=type(model).__name__, config=state.config.to_dict(),
+                             sites=sites, notes=list(state.notes))
+    inner = getattr(model, "_orig_mod", model)
+    sites = sites_for(inner)
+    if not sites and inner is model:
+        raise ValueError(
+            f"{type(model).__name__} was not converted: call nanite_compile.convert(model) or "
+            "torch.compile(model, backend='nanite') and run it once"
+        )
+    return RewriteReport(model=type(inner).__name__, config={}, sites=list(sites))
