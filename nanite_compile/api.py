@@ -205,11 +205,77 @@ def _fresh_function(fn: types.FunctionType) -> types.FunctionType:
     return new
 
 
+class _SDPAToNanite(TorchFunctionMode):
+    """Send a module's SDPA calls to the tiled op while another compiler traces it."""
+
+    def __init__(self, backend: NaniteBackend) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            out = _sdpa_as_nanite(self.backend, args, kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+def _sdpa_as_nanite(backend: NaniteBackend, args: tuple, kwargs: dict):
+    from .kernels import ops  # noqa: F401  (registers the op)
+    from .passes.find_sdpa import _SDPA_ARGS, _SDPA_DEFAULTS
+    from .passes.rewrite import site_params
+
+    a = dict(_SDPA_DEFAULTS)
+    a.update(zip(_SDPA_ARGS, args))
+    a.update(kwargs)
+    q, k, v = a["query"], a["key"], a["value"]
+    if a["dropout_p"] or q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1]:
+        return None
+    if a["is_causal"] and a["attn_mask"] is not None:
+        return None
+    sites = [s for s in backend.sites if s.status == "rewritten" and s.pattern == "sdpa"]
+    if not sites:
+        return None
+    p = site_params(backend.context(), sites[0].site)
+    scale = a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5
+    return torch.ops.nanite.tiled_attention(
+        q, k, v, a["attn_mask"], scale, bool(a["is_causal"]), p.tile, p.window, p.anchors,
+        -1 if p.horizon is None else p.horizon, p.budget,
+        0 if p.budget_reads is None else p.budget_reads, p.state_features,
+        backend.config.seed, sites[0].site,
+    )
+
+
 def _install(module: nn.Module, backend: NaniteBackend) -> None:
     fwd = module.forward
     fn = fwd.__func__ if isinstance(fwd, types.MethodType) else type(module).forward
     compiled = torch.compile(_fresh_function(fn), backend=backend, dynamic=True)
-    module.forward = types.MethodType(compiled, module)
+
+    def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # Someone else is tracing the converted model (torch.compile or
+            # export of it): the captured rewrite is invisible to that trace,
+            # so SDPA calls are sent to the tiled op as they are traced.
+            if any(s.pattern != "sdpa" for s in backend.rewritten_sites()):
+                _warn_outer_trace(backend)
+            with _SDPAToNanite(backend):
+                return fn(self, *args, **kwargs)
+        return compiled(self, *args, **kwargs)
+
+    forward.__wrapped__ = fn
+    module.forward = types.MethodType(forward, module)
+
+
+def _warn_outer_trace(backend: NaniteBackend) -> None:
+    import warnings
+
+    warnings.warn(
+        f"nanite_compile: under an outer torch.compile/export, the hand-written attention at "
+        f"{backend.site_prefix or '<root>'} runs exact; compile the original model with "
+        "backend='nanite' to rewrite it in that graph",
+        stacklevel=3,
+    )
 
 
 def _wrap_root_fastpath(model: nn.Module) -> None:

@@ -62,6 +62,13 @@ class NaniteBackend:
 
         return compile_fx(gm, example_inputs)
 
+    def context(self) -> PassContext:
+        """A pass context carrying this backend's configuration and plans."""
+        return PassContext(self.config, site_prefix=self.site_prefix, plans=self.plans)
+
+    def rewritten_sites(self) -> list:
+        return [s for s in self.sites if s.status == "rewritten"]
+
     def _remember(self, ctx: PassContext, example_inputs) -> None:
         known = {s.site for s in self.sites}
         self.sites.extend(s for s in ctx.sites if s.site not in known)

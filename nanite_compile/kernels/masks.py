@@ -38,6 +38,18 @@ class MaskStructure:
     bad_rows: torch.Tensor | None
 
 
+    def describe(self) -> str:
+        """A short name: ``causal``, ``causal+padding``, ``sliding-window(64)+padding``, ..."""
+        name = "causal" if self.causal else "bidirectional"
+        if self.window is not None:
+            name = f"sliding-window({self.window})"
+        if self.key_valid is not None:
+            name += "+padding"
+        if self.bad_rows is not None:
+            name += "+irregular-rows"
+        return name
+
+
 def allowed_from_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """Return the bool "may attend" tensor of a mask, or None if it is a bias."""
     if mask.dtype == torch.bool:

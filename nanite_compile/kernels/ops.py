@@ -104,6 +104,7 @@ def tiled_attention(
         rec = {
             "path": stats.get("path"),
             "reason": stats.get("reason", ""),
+            "mask": stats.get("mask", ""),
             "reads_per_query": stats.get("reads_per_query"),
             "exact_reads_per_query": stats.get("exact_reads_per_query"),
             "q_shape": list(q.shape),

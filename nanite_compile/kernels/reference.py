@@ -328,9 +328,13 @@ def tiled_attention(
         if st is None:
             return exact("mask is an additive bias or differs by head")
         causal, window, key_valid, bad_rows = st.causal, st.window, st.key_valid, st.bad_rows
+        if stats is not None:
+            stats["mask"] = st.describe()
         if bad_rows is not None and float(bad_rows.float().mean()) > 0.25:
             return exact("mask structure reproduces too few rows")
-    elif is_causal and nq != nk:
+    elif stats is not None:
+        stats["mask"] = "causal" if is_causal else "bidirectional"
+    if attn_mask is None and is_causal and nq != nk:
         # SDPA aligns is_causal to the top left; one query at the end of the keys sees key 0 only.
         return exact("causal with a single query under SDPA's top-left alignment")
     if nq == 1 and not causal:
