@@ -83,11 +83,10 @@ def sdpa_skip_reason(a: dict) -> str | None:
     hq, hk = q[1], k[1]
     if hq != hk and not a["enable_gqa"]:
         return "query and key head counts differ without enable_gqa"
-    try:
-        if int(hq) % int(hk):
-            return "query heads not a multiple of key/value heads"
-    except TypeError:
+    if not (isinstance(hq, int) and isinstance(hk, int)):
         return "head counts are symbolic"
+    if hq % hk:
+        return "query heads not a multiple of key/value heads"
     mask = a["attn_mask"]
     if mask is not None:
         ms = node_shape(mask)

@@ -9,6 +9,7 @@ the caller, leaves the site exact with that reason).
 from __future__ import annotations
 
 import math
+import operator
 
 import networkx as nx
 import torch
@@ -70,13 +71,8 @@ def site_params(ctx: PassContext, site: str) -> TileParams:
 def _shape_list(shape) -> list | None:
     if shape is None:
         return None
-    out = []
-    for s in shape:
-        try:
-            out.append(int(s))
-        except (TypeError, ValueError):
-            out.append(str(s))
-    return out
+    # never int() a symbolic size: that would specialise (and recompile) the graph
+    return [s if isinstance(s, int) else str(s) for s in shape]
 
 
 def rewrite_matches(gm: fx.GraphModule, matches: list[AttentionMatch], ctx: PassContext) -> int:
@@ -119,10 +115,25 @@ def rewrite_matches(gm: fx.GraphModule, matches: list[AttentionMatch], ctx: Pass
         rewritten += 1
         ctx.count("rewritten")
     if rewritten:
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=_keep_node)
         gm.graph.lint()
         gm.recompile()
     return rewritten
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.setitem}
+
+
+def _keep_node(node: fx.Node) -> bool:
+    """Dead-code elimination must keep in-place calls: Dynamo records ``x.mul_(s)`` as a
+    ``call_method`` with no users (``Node.is_impure`` calls it pure), and dropping it
+    changes what later reads of ``x`` see."""
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        return True
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        return True
+    return node.is_impure()
 
 
 def _plan_dict(p: TileParams) -> dict:
