@@ -88,28 +88,26 @@ def _pyramid(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, tile: int):
     """
     b, h, n, d = k.shape
     dv = v.shape[-1]
-    ks, vs, lcs, poss, offs = [], [], [], [], []
-    off = 0
-    r = 0
     w = valid.to(k.dtype)
-    while (1 << r) <= tile:
-        g = 1 << r
-        cnt = w.reshape(b, n // g, g).sum(-1)  # [B, n/g]
-        if r == 0:
-            kr, vr = k * w[:, None, :, None], v * w[:, None, :, None]
-        else:
-            wk = w.reshape(b, 1, n // g, g, 1)
-            den = cnt.clamp_min(1.0)[:, None, :, None]
-            kr = (k.reshape(b, h, n // g, g, d) * wk).sum(3) / den
-            vr = (v.reshape(b, h, n // g, g, dv) * wk).sum(3) / den
-        ks.append(kr)
-        vs.append(vr)
+    # level 0 is the keys themselves; each next level halves the previous level's
+    # masked sums (total work ~2N, not N per level)
+    ksum, vsum = k * w[:, None, :, None], v * w[:, None, :, None]
+    cnt = w
+    ks, vs, lcs, poss, offs = [ksum], [vsum], [], [torch.arange(n, device=k.device)], [0]
+    lcs.append(torch.where(cnt > 0, torch.zeros_like(cnt), torch.full_like(cnt, -math.inf)))
+    off, m = n, n
+    while m > n // tile:
+        m //= 2
+        ksum = ksum.reshape(b, h, m, 2, d).sum(3)
+        vsum = vsum.reshape(b, h, m, 2, dv).sum(3)
+        cnt = cnt.reshape(b, m, 2).sum(-1)
+        den = cnt.clamp_min(1.0)[:, None, :, None]
+        ks.append(ksum / den)
+        vs.append(vsum / den)
         lcs.append(torch.where(cnt > 0, cnt.clamp_min(1.0).log(), torch.full_like(cnt, -math.inf)))
-        poss.append(torch.arange(n, device=k.device) if r == 0 else
-                    torch.full((n // g,), -1, device=k.device, dtype=torch.long))
+        poss.append(torch.full((m,), -1, device=k.device, dtype=torch.long))
         offs.append(off)
-        off += n // g
-        r += 1
+        off += m
     return (torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(lcs, 1), torch.cat(poss, 0),
             torch.tensor(offs, device=k.device))
 
