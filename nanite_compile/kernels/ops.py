@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import cpu as _cpu
 from .levels import TileParams
 from .reference import exact_attention, tiled_attention as _tiled_reference
 
@@ -98,7 +99,7 @@ def tiled_attention(
     stats: dict | None = {} if store is not None else None
     out = _tiled_reference(
         q, k, v, attn_mask, scale=scale, is_causal=is_causal, params=params, seed=seed,
-        stats=stats,
+        stats=stats, fast=_cpu,
     ).contiguous()
     if store is not None:
         rec = {

@@ -289,6 +289,7 @@ def tiled_attention(
     feature_proj: torch.Tensor | None = None,
     chunk_bytes: int = 256 * 2**20,
     stats: dict | None = None,
+    fast=None,
 ) -> torch.Tensor:
     """Tiled attention with the run-time level rule: the operator's CPU path.
 
@@ -297,7 +298,10 @@ def tiled_attention(
     cannot express exactly in structure is computed exactly: a mask that is a
     bias, rows a mask's structure does not reproduce, a query block that is
     neither the whole sequence nor one token, a sequence of one tile or less.
-    ``stats`` (a dict), when given, receives what was done.
+    ``stats`` (a dict), when given, receives what was done. ``fast``, when
+    given, is a module with ``supports(q, v, window)`` and
+    ``tiled_attention_cpu(...)`` (``kernels/cpu.py``) used in place of the
+    reference arithmetic where it applies; the level table is the same.
     """
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -354,10 +358,16 @@ def tiled_attention(
     if params.state_features > 0 and feature_proj is None and bool((levels == STATE).any()):
         feature_proj = random_features(d, params.state_features, hkv, seed, q.device,
                                        _compute_dtype(q))
-    out = tiled_attention_from_levels(
-        q, k, v, levels, scale=scale, causal=causal, tile=T, window=window,
-        key_valid=key_valid, feature_proj=feature_proj, chunk_bytes=chunk_bytes,
-    )
+    if fast is not None and fast.supports(q, v, window):
+        out = fast.tiled_attention_cpu(
+            q, k, v, levels, scale=scale, causal=causal, tile=T, key_valid=key_valid,
+            feature_proj=feature_proj, chunk_bytes=chunk_bytes,
+        )
+    else:
+        out = tiled_attention_from_levels(
+            q, k, v, levels, scale=scale, causal=causal, tile=T, window=window,
+            key_valid=key_valid, feature_proj=feature_proj, chunk_bytes=chunk_bytes,
+        )
     if bad_rows is not None:
         out = _repair_rows(out, q, k, v, attn_mask, scale, bad_rows)
     if stats is not None:

@@ -1,0 +1,205 @@
+"""The fast CPU path of tiled attention: fused softmax blocks merged by log-sum-exp.
+
+Same math as ``tiled_attention_from_levels`` (the reference), arranged so that
+almost all the work runs inside PyTorch's fused CPU flash-attention kernel
+(``aten::_scaled_dot_product_flash_attention_for_cpu``, which also returns the
+log-sum-exp of each row):
+
+* the query's own tile: exact causal attention inside the tile, one batched
+  call over all tiles (``T x T`` per tile);
+* every other entry the level table selects (exact keys of older tiles,
+  pooled summaries): gathered per query tile, scored in one fused call with a
+  per-entry additive bias ``log n`` (``-inf`` for padding); no per-query mask
+  is needed since all of them lie strictly before the query tile;
+* the STATE: ``phi(q)^T S_j`` with ``S_j`` a difference of prefix sums over
+  tiles when each row's state tiles are contiguous (they are under the
+  run-time rule), a masked sum otherwise;
+* one normaliser: the three parts merge with weights ``exp(lse - M)``.
+
+Memory is ``O(N * entries per query)``, processed in chunks of query tiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .levels import EXACT, NONE, STATE
+from .reference import _compute_dtype, _entry_index, _log_features, _pyramid
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def supports(q: torch.Tensor, v: torch.Tensor, window: int | None) -> bool:
+    """Whether the fast path applies: CPU, no sliding window, value width = key width."""
+    return (q.device.type == "cpu" and window is None and v.shape[-1] == q.shape[-1]
+            and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+
+
+def _state_rows(lv: torch.Tensor, s_tile: torch.Tensor, z_tile: torch.Tensor):
+    """Per query tile sums of the STATE tiles' ``phi(k)^T v`` and ``phi(k)``.
+
+    Uses prefix sums when every row's STATE tiles form one contiguous run.
+    """
+    smask = lv == STATE  # [B, Hkv, mq, mk]
+    mk = smask.shape[-1]
+    idx = torch.arange(mk, device=lv.device)
+    cnt = smask.sum(-1)
+    lo = torch.where(smask, idx, mk).amin(-1)
+    hi = torch.where(smask, idx + 1, 0).amax(-1)
+    if bool((cnt == (hi - lo).clamp_min(0)).all()):
+        b, h, _, f, d = s_tile.shape
+        cs = F.pad(s_tile.cumsum(2), (0, 0, 0, 0, 1, 0))  # [B, Hkv, mk+1, F, D]
+        cz = F.pad(z_tile.cumsum(2), (0, 0, 1, 0))  # [B, Hkv, mk+1, F]
+        lo_c = torch.where(cnt > 0, lo, 0)
+        hi_c = torch.where(cnt > 0, hi, 0)
+
+        def take(c, i):
+            return c.gather(2, i.reshape(b, h, -1, *([1] * (c.dim() - 3))).expand(
+                -1, -1, -1, *c.shape[3:]))
+
+        return take(cs, hi_c) - take(cs, lo_c), take(cz, hi_c) - take(cz, lo_c)
+    m = smask.to(s_tile.dtype)
+    return (torch.einsum("bhji,bhifd->bhjfd", m, s_tile),
+            torch.einsum("bhji,bhif->bhjf", m, z_tile))
+
+
+def tiled_attention_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    levels: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    tile: int,
+    key_valid: torch.Tensor | None = None,
+    feature_proj: torch.Tensor | None = None,
+    chunk_bytes: int = 256 * 2**20,
+) -> torch.Tensor:
+    """Tiled attention for a given level table; arguments as the reference's.
+
+    The causal diagonal tile must be EXACT (the run-time rule guarantees it).
+    """
+    cd = _compute_dtype(q)
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    dv = v.shape[-1]
+    G = h // hkv
+    T = tile
+    mk = -(-nk // T)
+    npad = mk * T
+    q0 = nk - nq
+    jq0 = q0 // T
+    mq = mk - jq0
+    qpad_front = q0 - jq0 * T
+    qpad = mq * T - nq - qpad_front
+
+    valid = torch.ones(b, nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+    valid = F.pad(valid, (0, npad - nk), value=False)
+    kc = F.pad(k.to(cd), (0, 0, 0, npad - nk))
+    vc = F.pad(v.to(cd), (0, 0, 0, npad - nk))
+    qc = F.pad(q.to(cd), (0, 0, qpad_front, qpad))
+    qc = qc.reshape(b, hkv, G, mq, T, d).permute(0, 1, 3, 2, 4, 5)  # [B,Hkv,mq,G,T,D]
+
+    lv = levels.to(torch.int64)
+    jj = torch.arange(mq, device=q.device)
+    diag = (jq0 + jj)[None, None, :, None] == torch.arange(mk, device=q.device)  # [1,1,mq,mk]
+    rest = lv
+    parts_o, parts_l = [], []
+    if causal:
+        dl = lv.masked_select(diag.expand_as(lv))
+        if not bool(((dl == EXACT) | ((dl == NONE) & (key_valid is not None))).all()):
+            raise ValueError("the causal diagonal tile must be EXACT (or all padding)")
+        rest = lv.masked_fill(diag, NONE)
+        # own tile: causal inside the tile, with the tile's padding keys masked
+        kt = kc.reshape(b, hkv, mk, T, d)[:, :, jq0:]
+        vt = vc.reshape(b, hkv, mk, T, dv)[:, :, jq0:]
+        vt_ok = valid.reshape(b, 1, mk, T)[:, :, jq0:]  # [B,1,mq,T]
+        qd = qc.reshape(b * hkv * mq, G, T, d)
+        kd = kt.reshape(b * hkv * mq, 1, T, d).expand(-1, G, -1, -1).contiguous()
+        vd = vt.reshape(b * hkv * mq, 1, T, dv).expand(-1, G, -1, -1).contiguous()
+        if key_valid is None:
+            od, ld = _flash(qd, kd, vd, 0.0, True, scale=scale)
+        else:
+            tri = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            allow = tri & vt_ok.expand(b, hkv, mq, T).reshape(-1, 1, 1, T)
+            bias = torch.zeros(allow.shape, dtype=cd, device=q.device).masked_fill(~allow, -math.inf)
+            od, ld = _flash(qd, kd, vd, 0.0, False, attn_mask=bias, scale=scale)
+            # the kernel reports lse 0 for a row with nothing to attend to: make it -inf
+            ld = ld.masked_fill(~allow.any(-1), -math.inf)
+        parts_o.append(od.reshape(b, hkv, mq, G * T, dv))
+        parts_l.append(ld.reshape(b, hkv, mq, G * T))
+
+    has_rest = bool((rest >= 0).any())
+    if has_rest:
+        bank_k, bank_v, bank_lc, _, offs = _pyramid(kc, vc, valid, T)
+        idx, ok = _entry_index(rest, offs, T)  # [B,Hkv,mq,P]
+        P = idx.shape[-1]
+        o_r = torch.empty(b, hkv, mq, G * T, dv, dtype=cd, device=q.device)
+        l_r = torch.empty(b, hkv, mq, G * T, dtype=cd, device=q.device)
+        per_tile = b * hkv * P * (d + dv + 1) * cd.itemsize * 2 + b * hkv * G * T * P * 8
+        chunk = max(1, int(chunk_bytes // max(per_tile, 1)))
+        qr = qc.reshape(b, hkv, mq, G * T, d)
+        for c0 in range(0, mq, chunk):
+            c1 = min(mq, c0 + chunk)
+            n_c = c1 - c0
+            ii = idx[:, :, c0:c1].reshape(b, hkv, -1)
+            kg = bank_k.gather(2, ii[..., None].expand(-1, -1, -1, d))
+            vg = bank_v.gather(2, ii[..., None].expand(-1, -1, -1, dv))
+            lc = bank_lc[:, None, :].expand(b, hkv, -1).gather(2, ii)
+            bias = torch.where(ok[:, :, c0:c1].reshape(b, hkv, -1), lc,
+                               torch.full_like(lc, -math.inf))
+            o, lse = _flash(
+                qr[:, :, c0:c1].reshape(b * hkv * n_c, 1, G * T, d),
+                kg.reshape(b * hkv * n_c, 1, P, d),
+                vg.reshape(b * hkv * n_c, 1, P, dv),
+                0.0, False,
+                attn_mask=bias.reshape(b * hkv * n_c, 1, 1, P),
+                scale=scale,
+            )
+            empty = ~(bias > -math.inf).reshape(b, hkv, n_c, P).any(-1, keepdim=True)
+            o_r[:, :, c0:c1] = o.reshape(b, hkv, n_c, G * T, dv)
+            l_r[:, :, c0:c1] = lse.reshape(b, hkv, n_c, G * T).masked_fill(empty, -math.inf)
+        parts_o.append(o_r)
+        parts_l.append(l_r)
+
+    num_s = den_s = m_s = None
+    if bool((lv == STATE).any()):
+        kt = kc.reshape(b, hkv, mk, T, d)
+        vt = vc.reshape(b, hkv, mk, T, dv)
+        wt = valid.reshape(b, 1, mk, T, 1)
+        lk = _log_features(kt, feature_proj.to(cd), scale)  # [B,Hkv,mk,T,F]
+        lk = lk.masked_fill(~wt, -math.inf)
+        ck = lk.amax(dim=(2, 3, 4), keepdim=True).clamp_min(-1e30)
+        phik = torch.exp(lk - ck)
+        s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt)
+        z_tile = phik.sum(3)
+        s_row, z_row = _state_rows(lv, s_tile, z_tile)  # [B,Hkv,mq,F,Dv], [B,Hkv,mq,F]
+        lq = _log_features(qc.reshape(b, hkv, mq, G * T, d), feature_proj.to(cd), scale)
+        lq = lq + ck.reshape(b, hkv, 1, 1, 1)
+        has = (z_row > 0).any(-1)[..., None]  # [B,Hkv,mq,1]
+        m_s = torch.where(has, lq.amax(-1), torch.full_like(lq[..., 0], -math.inf))
+        wq = torch.exp(lq - torch.where(torch.isfinite(m_s), m_s, 0.0)[..., None])
+        num_s = torch.einsum("bhcqf,bhcfd->bhcqd", wq, s_row)
+        den_s = torch.einsum("bhcqf,bhcf->bhcq", wq, z_row)
+
+    # one normaliser over all parts
+    logs = list(parts_l) + ([m_s] if m_s is not None else [])
+    M = torch.stack(logs).amax(0)
+    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    num = torch.zeros(b, hkv, mq, G * T, dv, dtype=cd, device=q.device)
+    den = torch.zeros(b, hkv, mq, G * T, dtype=cd, device=q.device)
+    for o, lse in zip(parts_o, parts_l):
+        a = torch.exp(lse - M)
+        num = num + a[..., None] * torch.nan_to_num(o)
+        den = den + a
+    if m_s is not None:
+        a = torch.exp(m_s - M)
+        num = num + a[..., None] * num_s
+        den = den + a * den_s
+    out = torch.where(den[..., None] > 0, num / den.clamp_min(torch.finfo(cd).tiny)[..., None], 0.0)
+    out = out.reshape(b, hkv, mq, G, T, dv).permute(0, 1, 3, 2, 4, 5).reshape(b, h, mq * T, dv)
+    return out[:, :, qpad_front:qpad_front + nq].to(q.dtype)
