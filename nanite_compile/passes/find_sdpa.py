@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .base import AttentionMatch, PassContext, module_path, node_shape, node_value
 
@@ -81,12 +82,13 @@ def sdpa_skip_reason(a: dict) -> str | None:
     if len(q) != 4 or len(k) != 4 or len(v) != 4:
         return f"q/k/v are not 4-D [B, H, N, D] (got {len(q)}-D)"
     hq, hk = q[1], k[1]
-    if hq != hk and not a["enable_gqa"]:
-        return "query and key head counts differ without enable_gqa"
-    if not (isinstance(hq, int) and isinstance(hk, int)):
-        return "head counts are symbolic"
-    if hq % hk:
-        return "query heads not a multiple of key/value heads"
+    # statically_known_true: no guard (under dynamic=True head counts are SymInts too)
+    if not statically_known_true(hq == hk):
+        if not a["enable_gqa"]:
+            return "query and key head counts differ without enable_gqa"
+        if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
+            return "query heads not a multiple of key/value heads"
+        # symbolic counts: SDPA with enable_gqa itself requires Hq % Hkv == 0
     mask = a["attn_mask"]
     if mask is not None:
         ms = node_shape(mask)

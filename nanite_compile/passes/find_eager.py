@@ -1,0 +1,1510 @@
+"""Find attention written out by hand: ``softmax(q·kᵀ·s + mask)·v`` and its spellings.
+
+Each ``softmax`` over the last dimension is a candidate. From it the finder
+walks *back* to the score product ``q·kᵀ`` (``matmul``/``@``, ``bmm``,
+``baddbmm``, ``einsum``), collecting on the way the scale (``mul``/``div`` by
+a constant or a scalar node, before the product on ``q``/``k`` or after it on
+the scores), the masks (``+ mask``, ``masked_fill(cond, -inf)``,
+``where(cond, scores, -inf)``) and casts; and *forward* to the product with
+``v`` (through casts and inactive dropout). A softmax that does not sit
+between two such products (a classifier head, a router) is not attention and
+is left alone.
+
+Patterns (``AttentionMatch.pattern``):
+
+- ``eager``: ``matmul`` chains, 4-D ``[B, H, N, D]`` (3-D with ``view_4d``);
+- ``einsum``: ``einsum("bhqd,bhkd->bhqk")`` … ``einsum("bhqk,bhkd->bhqd")``,
+  any letters and layouts (operands are permuted to ``[B, H, N, D]``);
+- ``bmm``: 3-D ``bmm``/``baddbmm`` chains ``[B*H, N, D]`` (``view_4d``), as in
+  ``F.multi_head_attention_forward``'s slow path;
+- ``mha``: ``F.multi_head_attention_forward``, which Dynamo keeps as one call
+  (``nn.MultiheadAttention``): it is split into in-projection, attention and
+  out-projection so the attention alone can be rewritten.
+
+GQA ``repeat_kv`` (``k[:, :, None].expand(...).reshape(...)``,
+``repeat_interleave(n, dim=1)``, a head-broadcasting ``expand``) is matched
+through: the op gets the un-repeated ``k``/``v``.
+
+Masks: an additive term is passed to the op as a dense mask when the graph
+shows it is one (a graph input, or built by comparisons, ``where``/
+``masked_fill`` with ``0``/``-inf``/``finfo.min``, ``(1 - m) * finfo.min``, a
+buffer holding only such values); a boolean ``masked_fill``/``where``
+condition is passed as the *allowed* mask. Anything else added to the scores
+(ALiBi slopes, relative position embeddings), a ``tanh`` soft-cap, a scale
+that is a tensor, dropout in training mode, or attention weights used outside
+the chain leave the site exact, with the reason in the match.
+
+Works on Dynamo graphs (``torch`` functions, methods, ``operator``) and on
+ATen graphs (``torch.export``'s ``aten.*`` ops).
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .base import AttentionMatch, PassContext, module_path, node_shape, node_value
+from .find_sdpa import mask_kind_of
+from .rewrite import escaping_nodes
+
+aten = torch.ops.aten
+
+# An additive constant at or below this blocks a key (same threshold as the op's mask reader).
+_BLOCKED_BELOW = -1.0e4
+
+# ---------------------------------------------------------------------------
+# What a node computes: a small vocabulary of kinds, arguments bound by name.
+# ---------------------------------------------------------------------------
+
+# kind, positional parameter names (first is the tensor the op works on)
+_FUNCTIONS: dict[Any, tuple[str, tuple[str, ...]]] = {
+    operator.matmul: ("matmul", ("input", "other")),
+    torch.matmul: ("matmul", ("input", "other")),
+    torch.bmm: ("bmm", ("input", "other")),
+    torch.baddbmm: ("baddbmm", ("bias", "input", "other")),
+    torch.einsum: ("einsum", ("equation",)),
+    F.softmax: ("softmax", ("input", "dim", "_stacklevel", "dtype")),
+    torch.softmax: ("softmax", ("input", "dim", "dtype")),
+    F.dropout: ("dropout", ("input", "p", "training", "inplace")),
+    torch.dropout: ("dropout", ("input", "p", "training")),
+    operator.mul: ("mul", ("input", "other")),
+    torch.mul: ("mul", ("input", "other")),
+    operator.truediv: ("div", ("input", "other")),
+    torch.div: ("div", ("input", "other")),
+    torch.true_divide: ("div", ("input", "other")),
+    operator.add: ("add", ("input", "other")),
+    torch.add: ("add", ("input", "other")),
+    operator.sub: ("sub", ("input", "other")),
+    torch.sub: ("sub", ("input", "other")),
+    torch.rsub: ("rsub", ("input", "other")),
+    torch.masked_fill: ("masked_fill", ("input", "mask", "value")),
+    torch.where: ("where", ("condition", "input", "other")),
+    torch.transpose: ("transpose", ("input", "dim0", "dim1")),
+    torch.permute: ("permute", ("input", "dims")),
+    torch.tanh: ("tanh", ("input",)),
+    torch.repeat_interleave: ("repeat_interleave", ("input", "repeats", "dim")),
+    torch.reshape: ("view", ("input", "shape")),
+    torch.unsqueeze: ("unsqueeze", ("input", "dim")),
+    torch.squeeze: ("view", ("input",)),
+    torch.flatten: ("view", ("input",)),
+    torch.clone: ("identity", ("input",)),
+    operator.invert: ("not", ("input",)),
+    torch.logical_not: ("not", ("input",)),
+    torch.bitwise_not: ("not", ("input",)),
+    operator.getitem: ("getitem", ("input", "index")),
+    builtins.getattr: ("getattr", ("input", "name")),
+    torch.tril: ("tri", ("input", "diagonal")),
+    torch.triu: ("tri", ("input", "diagonal")),
+    torch.cat: ("cat", ("tensors", "dim")),
+    torch.full: ("full", ("size", "fill_value")),
+    torch.full_like: ("full", ("input", "fill_value")),
+    torch.zeros: ("zeros", ()),
+    torch.zeros_like: ("zeros", ("input",)),
+    torch.ones: ("ones", ()),
+    torch.ones_like: ("ones", ("input",)),
+    torch.tensor: ("tensor", ("data",)),
+    torch.scalar_tensor: ("tensor", ("data",)),
+    operator.eq: ("compare", ("input", "other")),
+    operator.ne: ("compare", ("input", "other")),
+    operator.lt: ("compare", ("input", "other")),
+    operator.le: ("compare", ("input", "other")),
+    operator.gt: ("compare", ("input", "other")),
+    operator.ge: ("compare", ("input", "other")),
+    operator.and_: ("logic", ("input", "other")),
+    operator.or_: ("logic", ("input", "other")),
+    torch.logical_and: ("logic", ("input", "other")),
+    torch.logical_or: ("logic", ("input", "other")),
+}
+for _f in (torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge):
+    _FUNCTIONS[_f] = ("compare", ("input", "other"))
+
+_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "matmul": ("matmul", ("input", "other")),
+    "__matmul__": ("matmul", ("input", "other")),
+    "bmm": ("bmm", ("input", "other")),
+    "baddbmm": ("baddbmm", ("bias", "input", "other")),
+    "softmax": ("softmax", ("input", "dim", "dtype")),
+    "mul": ("mul", ("input", "other")),
+    "div": ("div", ("input", "other")),
+    "true_divide": ("div", ("input", "other")),
+    "add": ("add", ("input", "other")),
+    "sub": ("sub", ("input", "other")),
+    "masked_fill": ("masked_fill", ("input", "mask", "value")),
+    "masked_fill_": ("masked_fill", ("input", "mask", "value")),
+    "where": ("where_method", ("input", "condition", "other")),
+    "transpose": ("transpose", ("input", "dim0", "dim1")),
+    "permute": ("permute", ("input",)),  # varargs
+    "tanh": ("tanh", ("input",)),
+    "to": ("cast", ("input",)),
+    "type": ("cast", ("input",)),
+    "type_as": ("cast", ("input", "other")),
+    "float": ("cast", ("input",)),
+    "double": ("cast", ("input",)),
+    "half": ("cast", ("input",)),
+    "bfloat16": ("cast", ("input",)),
+    "expand": ("expand", ("input",)),  # varargs
+    "expand_as": ("expand", ("input",)),
+    "reshape": ("view", ("input",)),  # varargs
+    "view": ("view", ("input",)),  # varargs
+    "flatten": ("view", ("input",)),
+    "squeeze": ("view", ("input",)),
+    "unsqueeze": ("unsqueeze", ("input", "dim")),
+    "repeat_interleave": ("repeat_interleave", ("input", "repeats", "dim")),
+    "repeat": ("view", ("input",)),
+    "contiguous": ("identity", ("input",)),
+    "clone": ("identity", ("input",)),
+    "logical_not": ("not", ("input",)),
+    "bitwise_not": ("not", ("input",)),
+    "__invert__": ("not", ("input",)),
+    "tril": ("tri", ("input", "diagonal")),
+    "triu": ("tri", ("input", "diagonal")),
+    "new_full": ("full", ("input", "size", "fill_value")),
+    "new_zeros": ("zeros", ("input",)),
+    "new_ones": ("ones", ("input",)),
+    "eq": ("compare", ("input", "other")),
+    "ne": ("compare", ("input", "other")),
+    "lt": ("compare", ("input", "other")),
+    "le": ("compare", ("input", "other")),
+    "gt": ("compare", ("input", "other")),
+    "ge": ("compare", ("input", "other")),
+    "logical_and": ("logic", ("input", "other")),
+    "logical_or": ("logic", ("input", "other")),
+    "bool": ("cast", ("input",)),
+    "long": ("cast", ("input",)),
+    "int": ("cast", ("input",)),
+}
+
+# ATen overload packets -> kind; arguments are bound through the op's schema.
+_ATEN: dict[Any, str] = {
+    aten.matmul: "matmul",
+    aten.bmm: "bmm",
+    aten.baddbmm: "baddbmm",
+    aten.einsum: "einsum",
+    aten.softmax: "softmax",
+    aten._softmax: "softmax",
+    aten.dropout: "dropout",
+    aten.mul: "mul",
+    aten.div: "div",
+    aten.add: "add",
+    aten.sub: "sub",
+    aten.rsub: "rsub",
+    aten.masked_fill: "masked_fill",
+    aten.where: "where",
+    aten.transpose: "transpose",
+    aten.permute: "permute",
+    aten.tanh: "tanh",
+    aten.to: "cast",
+    aten._to_copy: "cast",
+    aten.type_as: "cast",
+    aten.expand: "expand",
+    aten.reshape: "view",
+    aten.view: "view",
+    aten._unsafe_view: "view",
+    aten.squeeze: "view",
+    aten.flatten: "view",
+    aten.unsqueeze: "unsqueeze",
+    aten.repeat_interleave: "repeat_interleave",
+    aten.clone: "identity",
+    aten.contiguous: "identity",
+    aten.alias: "identity",
+    aten.lift_fresh_copy: "identity",
+    aten.logical_not: "not",
+    aten.bitwise_not: "not",
+    aten.slice: "slice",
+    aten.tril: "tri",
+    aten.triu: "tri",
+    aten.cat: "cat",
+    aten.full: "full",
+    aten.full_like: "full",
+    aten.zeros: "zeros",
+    aten.zeros_like: "zeros",
+    aten.ones: "ones",
+    aten.ones_like: "ones",
+    aten.scalar_tensor: "tensor",
+    aten.eq: "compare",
+    aten.ne: "compare",
+    aten.lt: "compare",
+    aten.le: "compare",
+    aten.gt: "compare",
+    aten.ge: "compare",
+    aten.logical_and: "logic",
+    aten.logical_or: "logic",
+    aten.bitwise_and: "logic",
+    aten.bitwise_or: "logic",
+}
+_ATEN_RENAME = {"self": "input", "mat2": "other", "train": "training"}
+_ATEN_BADDBMM = {"self": "bias", "batch1": "input", "batch2": "other"}
+
+
+@dataclass
+class _Op:
+    kind: str
+    args: dict
+    varargs: tuple = ()
+
+
+def _op(node: Any) -> _Op | None:
+    """What ``node`` computes, in this module's vocabulary, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method":
+        spec = _METHODS.get(node.target)
+        if spec is None:
+            return None
+        kind, names = spec
+        bound = dict(zip(names, node.args, strict=False))
+        rest = tuple(node.args[len(names) :])
+        bound.update(node.kwargs)
+        if kind == "where_method":  # x.where(cond, y) == where(cond, x, y)
+            kind = "where"
+        return _Op(kind, bound, rest)
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        kind = _ATEN.get(target.overloadpacket)
+        if kind is None:
+            return None
+        if kind == "einsum":
+            return _Op(kind, {"equation": node.args[0], "operands": tuple(node.args[1])})
+        raw = {a.name: v for a, v in zip(target._schema.arguments, node.args, strict=False)}
+        raw.update(node.kwargs)
+        if raw.get("rounding_mode") is not None:
+            return None
+        rename = _ATEN_BADDBMM if kind == "baddbmm" else _ATEN_RENAME
+        return _Op(kind, {rename.get(k, k): v for k, v in raw.items()})
+    spec = _FUNCTIONS.get(target)
+    if spec is None:
+        return None
+    kind, names = spec
+    bound = dict(zip(names, node.args, strict=False))
+    rest = tuple(node.args[len(names) :])
+    bound.update(node.kwargs)
+    if kind == "einsum":
+        ops = rest
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = tuple(ops[0])
+        bound["operands"] = ops
+    if kind == "div" and bound.get("rounding_mode") is not None:
+        return None
+    return _Op(kind, bound, rest)
+
+
+def _is_inplace(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return t._schema.is_mutable
+        return t in (
+            operator.iadd,
+            operator.isub,
+            operator.imul,
+            operator.itruediv,
+            operator.setitem,
+        )
+    return False
+
+
+_ASSERTS = {
+    aten._assert_tensor_metadata.default,
+    aten._assert_scalar.default,
+    aten._assert_async.default,
+    aten._assert_async.msg,
+}
+
+
+def _is_assert(node: fx.Node) -> bool:
+    """Metadata checks torch.export adds after ``.to()`` calls: no value, not a real use."""
+    return node.op == "call_function" and node.target in _ASSERTS
+
+
+def _mutated(*nodes: Any) -> bool:
+    """Whether any of ``nodes`` is modified in place somewhere in the graph."""
+    return any(isinstance(n, fx.Node) and any(_is_inplace(u) for u in n.users) for n in nodes)
+
+
+# ---------------------------------------------------------------------------
+# Values: scalars, constants, shapes (symbolic sizes compared without guards).
+# ---------------------------------------------------------------------------
+
+
+def _is_scalar(x: Any) -> bool:
+    """A Python number, a node holding one (``SymInt``/``SymFloat``, ``.item()``), or a
+    one-element tensor filled with a constant (``torch.tensor(0.125)``)."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float, torch.SymInt, torch.SymFloat)):
+        return True
+    if isinstance(x, fx.Node):
+        v = node_value(x)
+        if isinstance(v, torch.Tensor):
+            return v.numel() == 1 and v.is_floating_point() and _const(x) is not None
+        return isinstance(v, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(v, bool)
+    return False
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, fx.Node) and isinstance(node_value(x), torch.Tensor) and not _is_scalar(x)
+
+
+def _dtype(x: Any) -> torch.dtype | None:
+    v = node_value(x)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def _attr_tensor(node: fx.Node) -> torch.Tensor | None:
+    """The real tensor behind a ``get_attr`` node or a Dynamo placeholder, if reachable."""
+    if node.op == "get_attr":
+        obj = node.graph.owning_module
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj if isinstance(obj, torch.Tensor) else None
+    if node.op == "placeholder":
+        ga = node.meta.get("grapharg")
+        ex = getattr(ga, "example", None) if ga is not None else None
+        return ex if isinstance(ex, torch.Tensor) else None
+    return None
+
+
+def _const(x: Any, depth: int = 0) -> float | None:
+    """The value of a constant scalar (a number, or a tensor filled with one number)."""
+    if isinstance(x, bool):
+        return float(x)
+    if isinstance(x, (int, float)):
+        return float(x)
+    if not isinstance(x, fx.Node) or depth > 8:
+        return None
+    if x.op == "get_attr":
+        t = _attr_tensor(x)
+        if t is not None and t.numel() == 1 and not isinstance(t, torch.nn.Parameter):
+            return float(t.reshape(()).item())
+        return None
+    o = _op(x)
+    if o is None:
+        return None
+    if o.kind in ("cast", "identity", "expand", "view", "unsqueeze"):
+        return _const(o.args.get("input"), depth + 1)
+    if o.kind == "full":
+        return _const(o.args.get("fill_value", o.varargs[0] if o.varargs else None), depth + 1)
+    if o.kind == "zeros":
+        return 0.0
+    if o.kind == "ones":
+        return 1.0
+    if o.kind == "tensor":
+        return _const(o.args.get("data"), depth + 1)
+    return None
+
+
+def _blocks(x: Any) -> bool:
+    """A constant that blocks a key when added to (or filled into) the scores."""
+    c = _const(x)
+    return c is not None and c <= _BLOCKED_BELOW
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 - symbolic comparison unsupported: not provably equal
+        return False
+
+
+def _int(x: Any) -> int | None:
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        try:
+            return int(x.node.maybe_as_int()) if x.node.maybe_as_int() is not None else None
+        except Exception:  # noqa: BLE001
+            return None
+    return None
+
+
+def _norm_dim(d: Any, ndim: int) -> int | None:
+    d = _int(d) if not isinstance(d, int) else d
+    if d is None:
+        return None
+    return d + ndim if d < 0 else d
+
+
+def _state_kind(node: fx.Node) -> str:
+    """``parameter``, ``buffer`` (module state) or ``input`` for a leaf node."""
+    if node.op == "get_attr":
+        t = _attr_tensor(node)
+        return "parameter" if isinstance(t, torch.nn.Parameter) else "buffer"
+    ga = node.meta.get("grapharg")
+    if ga is None:
+        return "input"  # export: parameters and buffers are get_attr nodes
+    ex = getattr(ga, "example", None)
+    src = getattr(ga, "source", None)
+    name = getattr(src, "name", "")
+    name = name() if callable(name) else str(name)
+    if isinstance(ex, torch.nn.Parameter) or "_parameters" in name:
+        return "parameter"
+    if "_buffers" in name or "." in name:
+        return "buffer"
+    return "input"
+
+
+# ---------------------------------------------------------------------------
+# Masks and biases added to the scores.
+# ---------------------------------------------------------------------------
+
+
+def _is_indicator(x: Any, depth: int = 0) -> bool:
+    """A tensor whose entries are 0/1: booleans, an integer graph input, ``1 - m``."""
+    if not isinstance(x, fx.Node) or depth > 24:
+        return False
+    if _dtype(x) == torch.bool:
+        return True
+    if x.op == "placeholder" and _state_kind(x) == "input":
+        dt = _dtype(x)
+        return dt is not None and not dt.is_floating_point
+    o = _op(x)
+    if o is None:
+        return False
+    if o.kind in ("cast", "identity", "expand", "view", "unsqueeze", "getitem", "slice", "not"):
+        return _is_indicator(o.args.get("input"), depth + 1)
+    if o.kind == "sub" and _const(o.args.get("input")) == 1.0:
+        return _is_indicator(o.args.get("other"), depth + 1)
+    if o.kind == "rsub" and _const(o.args.get("other")) == 1.0:
+        return _is_indicator(o.args.get("input"), depth + 1)
+    if o.kind == "mul":
+        return _is_indicator(o.args.get("input"), depth + 1) and _is_indicator(
+            o.args.get("other"), depth + 1
+        )
+    return False
+
+
+def _mask_values_ok(t: torch.Tensor) -> bool:
+    if t.dtype == torch.bool or not t.is_floating_point():
+        return False
+    return bool(((t == 0) | (t <= _BLOCKED_BELOW)).all())
+
+
+def _not_a_mask(x: Any, depth: int = 0) -> fx.Node | str | None:
+    """None if ``x`` is provably an additive mask (entries 0 or blocking), else the culprit.
+
+    Returns the node (or a description) at which the proof fails.
+    """
+    if not isinstance(x, fx.Node):
+        c = _const(x)
+        return None if c is not None and (c == 0 or c <= _BLOCKED_BELOW) else f"constant {x!r}"
+    if depth > 40:
+        return x
+    if x.op in ("placeholder", "get_attr"):
+        kind = _state_kind(x)
+        if kind == "input":
+            return None  # handed in by the caller: the op reads it at run time
+        if kind == "buffer":
+            t = _attr_tensor(x)
+            if t is not None and _mask_values_ok(t):
+                return None
+        return x
+    c = _const(x)
+    if c is not None:
+        return None if (c == 0 or c <= _BLOCKED_BELOW) else x
+    o = _op(x)
+    if o is None:
+        return x
+    a = o.args
+    if o.kind in ("cast", "identity", "expand", "view", "unsqueeze", "getitem", "slice", "tri"):
+        if _dtype(x) == torch.bool:
+            return x
+        return _not_a_mask(a.get("input"), depth + 1)
+    if o.kind == "where":
+        for side in (a.get("input"), a.get("other")):
+            bad = _not_a_mask(side, depth + 1)
+            if bad is not None:
+                return bad
+        return None
+    if o.kind == "masked_fill":
+        if not (_blocks(a.get("value")) or _const(a.get("value")) == 0):
+            return x
+        return _not_a_mask(a.get("input"), depth + 1)
+    if o.kind == "add":
+        if a.get("alpha", 1) != 1:
+            return x
+        return _not_a_mask(a.get("input"), depth + 1) or _not_a_mask(a.get("other"), depth + 1)
+    if o.kind == "mul":  # (1 - m) * finfo.min
+        lhs, rhs = a.get("input"), a.get("other")
+        if _blocks(rhs) and _is_indicator(lhs, depth + 1):
+            return None
+        if _blocks(lhs) and _is_indicator(rhs, depth + 1):
+            return None
+        return x
+    if o.kind == "cat":
+        for t in a.get("tensors", ()):
+            bad = _not_a_mask(t, depth + 1)
+            if bad is not None:
+                return bad
+        return None
+    return x
+
+
+def _has_parameter_ancestor(node: fx.Node, limit: int = 400) -> bool:
+    seen: set = set()
+    stack = [node]
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("placeholder", "get_attr"):
+            if _state_kind(n) in ("parameter", "buffer"):
+                return True
+            continue
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _bias_reason(term: Any) -> str | None:
+    """Why an additive term is not provably a mask, or None when it is one."""
+    bad = _not_a_mask(term)
+    if bad is None:
+        return None
+    if isinstance(term, fx.Node) and _has_parameter_ancestor(term):
+        return (
+            "additive score bias derived from parameters or buffers (ALiBi/relative "
+            "position): not provably a mask"
+        )
+    what = bad.name if isinstance(bad, fx.Node) else str(bad)
+    return f"additive score bias computed in the graph ({what}): not provably a mask"
+
+
+# ---------------------------------------------------------------------------
+# The chain.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Chain:
+    """A candidate before its helper nodes exist (built only for rewritable sites)."""
+
+    pattern: str
+    softmax: fx.Node
+    pv: fx.Node
+    qk: fx.Node
+    ndim: int
+    q: fx.Node
+    q_perm: tuple | None = None
+    k: fx.Node | None = None  # k as [.., Nk, D] when it exists in the graph
+    k_from: tuple | None = None  # ("transpose", kT) or ("permute", x, perm): build k
+    v: fx.Node | None = None
+    v_perm: tuple | None = None
+    out_einsum: tuple | None = None  # (canonical equation, output permutation) for PV einsum
+    scale: list = field(default_factory=list)  # [(op, value)], op "mul" or "div"
+    masks: list = field(default_factory=list)  # [("additive"|"allowed"|"blocked", node)]
+    interior: list = field(default_factory=list)
+    skip: list = field(default_factory=list)
+
+
+def _peel_scale(x: Any, factors: list) -> Any:
+    """Strip ``mul``/``div`` by scalars from a q or k operand, collecting the factors."""
+    for _ in range(8):
+        o = _op(x)
+        if o is None or o.kind not in ("mul", "div"):
+            return x
+        lhs, rhs = o.args.get("input"), o.args.get("other")
+        if o.kind == "mul" and _is_scalar(lhs) and _is_tensor(rhs):
+            lhs, rhs = rhs, lhs
+        if not (_is_tensor(lhs) and _is_scalar(rhs)) or _mutated(x, lhs):
+            return x
+        factors.append((o.kind, rhs))
+        x = lhs
+    return x
+
+
+def _untranspose(kt: fx.Node, ndim: int) -> tuple[fx.Node | None, tuple | None]:
+    """k ``[.., Nk, D]`` from kᵀ ``[.., D, Nk]``: an existing node, or how to build one."""
+    o = _op(kt)
+    if o is not None and o.kind == "transpose":
+        d0, d1 = _norm_dim(o.args.get("dim0"), ndim), _norm_dim(o.args.get("dim1"), ndim)
+        if {d0, d1} == {ndim - 2, ndim - 1}:
+            return o.args["input"], None
+    if o is not None and o.kind == "permute":
+        dims = o.args.get("dims", o.varargs)
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        dims = [_norm_dim(d, ndim) for d in dims]
+        if len(dims) == ndim and None not in dims:
+            perm = list(dims)
+            perm[-2], perm[-1] = perm[-1], perm[-2]
+            if perm == list(range(ndim)):
+                return o.args["input"], None
+            return None, ("permute", o.args["input"], tuple(perm))
+    if o is not None and o.kind == "getattr" and o.args.get("name") == "mT":
+        return o.args["input"], None
+    return None, ("transpose", kt)
+
+
+def _unrepeat(x: fx.Node) -> tuple[fx.Node, int] | None:
+    """The ``[B, Hkv, N, D]`` tensor a GQA repeat made ``[B, Hkv*n, N, D]`` from, and n."""
+    shape = node_shape(x)
+    if shape is None or len(shape) != 4:
+        return None
+    o = _op(x)
+    if o is None:
+        return None
+    if o.kind == "repeat_interleave":
+        base = o.args.get("input")
+        n = node_value(o.args.get("repeats"))
+        dim = _norm_dim(o.args.get("dim"), 4)
+        bs = node_shape(base)
+        if _is_scalar(n) and dim == 1 and bs is not None and len(bs) == 4:
+            return base, n
+        return None
+    if o.kind == "expand":  # MQA-style head broadcast [B, 1, N, D] -> [B, H, N, D]
+        base = o.args.get("input")
+        bs = node_shape(base)
+        if (
+            bs is not None
+            and len(bs) == 4
+            and _same(bs[1], 1)
+            and all(_same(bs[i], shape[i]) for i in (0, 2, 3))
+        ):
+            n = shape[1]
+            return base, n
+        return None
+    if o.kind != "view":
+        return None
+    # reshape(expand(unsqueeze(k, 2)), [B, Hkv*n, N, D]) (HF repeat_kv), with copies between
+    src = o.args.get("input")
+    for _ in range(3):
+        so = _op(src)
+        if so is not None and so.kind == "identity":
+            src = so.args.get("input")
+    so = _op(src)
+    if so is None or so.kind != "expand":
+        return None
+    es = node_shape(src)
+    inner = so.args.get("input")
+    ins = node_shape(inner)
+    if es is None or ins is None or len(es) != 5 or len(ins) != 5 or not _same(ins[2], 1):
+        return None
+    if not all(_same(ins[i], es[i]) for i in (0, 1, 3, 4)):
+        return None
+    # inner must be k with a new axis at 2: unsqueeze(k, 2) or k[:, :, None]
+    base = None
+    io = _op(inner)
+    if io is not None and io.kind == "unsqueeze" and _norm_dim(io.args.get("dim"), 5) == 2:
+        base = io.args.get("input")
+    elif io is not None and io.kind == "getitem":
+        idx = io.args.get("index")
+        if (
+            isinstance(idx, tuple)
+            and idx[:3] == (slice(None), slice(None), None)
+            and all(s == slice(None) or s is Ellipsis for s in idx[3:])
+        ):
+            base = io.args.get("input")
+    if base is None:
+        return None
+    bs = node_shape(base)
+    n = es[2]
+    if bs is None or len(bs) != 4:
+        return None
+    if not (_same(bs[0], shape[0]) and _same(bs[2], shape[2]) and _same(bs[3], shape[3])):
+        return None
+    return base, n
+
+
+def _parse_einsum(eq: str, ndims: list[int]) -> tuple[list[str], str] | None:
+    eq = eq.replace(" ", "")
+    if "->" in eq:
+        lhs, out = eq.split("->")
+    else:
+        lhs, out = eq, None
+    ins = lhs.split(",")
+    if len(ins) != len(ndims):
+        return None
+    ell = None
+    res = []
+    for term, nd in zip(ins, ndims, strict=True):
+        if "..." in term:
+            n_ell = nd - (len(term) - 3)
+            ell_letters = "".join(chr(ord("A") + i) for i in range(n_ell))
+            ell = ell_letters if ell is None or len(ell_letters) > len(ell) else ell
+            term = term.replace("...", ell_letters)
+        if len(term) != nd:
+            return None
+        res.append(term)
+    if out is None:
+        counts: dict = {}
+        for t in res:
+            for c in t:
+                counts[c] = counts.get(c, 0) + 1
+        out = (ell or "") + "".join(sorted(c for c, n in counts.items() if n == 1 and c.islower()))
+    elif "..." in out:
+        out = out.replace("...", ell or "")
+    return res, out
+
+
+def _perm(src: str, dst: str) -> tuple | None:
+    p = tuple(src.index(c) for c in dst)
+    return None if p == tuple(range(len(p))) else p
+
+
+def _qk_einsum(eq: str, a: fx.Node, b: fx.Node) -> tuple | None:
+    """(ndim, q permutation, k permutation) for a score einsum ``q·kᵀ``, or None."""
+    sa, sb = node_shape(a), node_shape(b)
+    if sa is None or sb is None:
+        return None
+    parsed = _parse_einsum(eq, [len(sa), len(sb)])
+    if parsed is None:
+        return None
+    (la, lb), out = parsed
+    contracted = [c for c in la if c in lb and c not in out]
+    if len(contracted) != 1 or len(out) < 3:
+        return None
+    d = contracted[0]
+    batch, qc, kc = out[:-2], out[-2], out[-1]
+    if qc not in la or qc in lb or kc not in lb or kc in la:
+        return None
+    if set(la) != set(batch) | {qc, d} or set(lb) != set(batch) | {kc, d}:
+        return None
+    if len(la) != len(out) or len(lb) != len(out):
+        return None
+    return len(out), _perm(la, batch + qc + d), _perm(lb, batch + kc + d)
+
+
+def _pv_einsum(eq: str, p: fx.Node, v: fx.Node) -> tuple | None:
+    """(v permutation, canonical equation, output permutation) for ``probs·v``, or None."""
+    sp, sv = node_shape(p), node_shape(v)
+    if sp is None or sv is None:
+        return None
+    parsed = _parse_einsum(eq, [len(sp), len(sv)])
+    if parsed is None:
+        return None
+    (lp, lv), out = parsed
+    batch, qc, kc = lp[:-2], lp[-2], lp[-1]
+    if kc not in lv or kc in out or qc not in out or qc in lv:
+        return None
+    dv = [c for c in lv if c not in lp]
+    if len(dv) != 1 or set(lv) != set(batch) | {kc, dv[0]} or set(out) != set(batch) | {qc, dv[0]}:
+        return None
+    if len(out) != len(lp):
+        return None
+    canon_out = batch + qc + dv[0]
+    v_perm = _perm(lv, batch + kc + dv[0])
+    out_perm = _perm(canon_out, out)
+    canon_eq = f"{lp},{batch + kc + dv[0]}->{canon_out}"
+    return v_perm, canon_eq, out_perm
+
+
+def _walk_probs(softmax: fx.Node, chain_nodes: list) -> tuple[fx.Node, list] | None:
+    """From the softmax forward to the product with v; None if there is none (not attention)."""
+    cur = softmax
+    skip = []
+    for _ in range(8):
+        nxt = None
+        for u in cur.users:
+            o = _op(u)
+            if o is None:
+                continue
+            if o.kind in ("matmul", "bmm") and o.args.get("input") is cur:
+                return u, skip
+            if (
+                o.kind == "einsum"
+                and len(o.args.get("operands", ())) == 2
+                and o.args["operands"][0] is cur
+            ):
+                return u, skip
+        for u in cur.users:
+            o = _op(u)
+            if o is None or o.args.get("input") is not cur:
+                continue
+            if o.kind in ("cast", "identity"):
+                nxt = u
+                break
+            if o.kind == "dropout":
+                p, training = o.args.get("p", 0.5), o.args.get("training", True)
+                if training is not False and not (isinstance(p, (int, float)) and p == 0):
+                    skip.append(f"dropout on the attention weights in training mode (p={p})")
+                nxt = u
+                break
+        if nxt is None:
+            return None
+        chain_nodes.append(nxt)
+        cur = nxt
+    return None
+
+
+def _walk_scores(x: Any, ch: _Chain, depth: int = 0) -> fx.Node | None:
+    """From the softmax input back to the score product, recording scale, masks and reasons.
+
+    Returns the score product node (``matmul``/``bmm``/``baddbmm``/``einsum`` of two
+    activations), or None when the softmax input does not come from one.
+    """
+    if not isinstance(x, fx.Node) or depth > 16:
+        return None
+    o = _op(x)
+    if o is None:
+        return None
+    a = o.args
+    k = o.kind
+    if k in ("matmul", "bmm", "baddbmm"):
+        return x
+    if k == "einsum":
+        return x if len(a.get("operands", ())) == 2 else None
+
+    def through(nxt, scale=None, mask=None, skip=None):
+        mark = (len(ch.scale), len(ch.masks), len(ch.skip), len(ch.interior))
+        if scale is not None:
+            ch.scale.append(scale)
+        if mask is not None:
+            ch.masks.append(mask)
+        if skip is not None:
+            ch.skip.append(skip)
+        ch.interior.append(x)
+        found = _walk_scores(nxt, ch, depth + 1)
+        if found is None:  # undo
+            del ch.scale[mark[0] :], ch.masks[mark[1] :], ch.skip[mark[2] :], ch.interior[mark[3] :]
+        return found
+
+    if k in ("cast", "identity"):
+        return through(a.get("input"))
+    if k in ("mul", "div"):
+        lhs, rhs = a.get("input"), a.get("other")
+        if k == "mul" and _is_scalar(lhs) and _is_tensor(rhs):
+            lhs, rhs = rhs, lhs
+        if _is_tensor(lhs) and _is_scalar(rhs):
+            return through(lhs, scale=(k, rhs))
+        if _is_tensor(lhs) and _is_tensor(rhs):
+            rv = node_value(rhs)
+            why = (
+                "scores scaled by a tensor (a learned or computed temperature)"
+                if rv.numel() == 1
+                else "scores multiplied by a tensor (not a mask)"
+            )
+            found = through(lhs, skip=why)
+            if found is None and k == "mul":
+                found = through(rhs, skip=why)
+            return found
+        return None
+    if k == "add":
+        lhs, rhs = a.get("input"), a.get("other")
+        if not (_is_tensor(lhs) and isinstance(rhs, (fx.Node, int, float))):
+            return None
+        if a.get("alpha", 1) != 1:
+            return None
+        for chain_side, term in ((lhs, rhs), (rhs, lhs)):
+            if not _is_tensor(chain_side):
+                continue
+            found = through(chain_side, mask=("additive", term))
+            if found is not None:
+                return found
+        return None
+    if k == "masked_fill":
+        val, cond = a.get("value"), a.get("mask")
+        if _blocks(val):
+            return through(a.get("input"), mask=("blocked", cond))
+        return through(a.get("input"), skip=f"masked_fill with {val!r} (not a blocking value)")
+    if k == "where":
+        cond, lhs, rhs = a.get("condition"), a.get("input"), a.get("other")
+        if _blocks(rhs) and _is_tensor(lhs):
+            return through(lhs, mask=("allowed", cond))
+        if _blocks(lhs) and _is_tensor(rhs):
+            return through(rhs, mask=("blocked", cond))
+        for side in (lhs, rhs):
+            if _is_tensor(side):
+                found = through(side, skip="where() that does not block with -inf/finfo.min")
+                if found is not None:
+                    return found
+        return None
+    if k == "tanh":
+        return through(a.get("input"), skip="logit soft-capping (tanh) between scores and softmax")
+    return None
+
+
+def _scores_chain(softmax: fx.Node) -> _Chain | None:
+    """The attention around one softmax, or None when it is not attention."""
+    so = _op(softmax)
+    x = so.args.get("input")
+    xs = node_shape(x)
+    if xs is None or len(xs) not in (3, 4):
+        return None
+    dim = _norm_dim(so.args.get("dim"), len(xs))
+    if dim != len(xs) - 1:
+        return None
+    probs_nodes: list = []
+    walked = _walk_probs(softmax, probs_nodes)
+    if walked is None:
+        return None
+    pv, probs_skip = walked
+    ch = _Chain(pattern="eager", softmax=softmax, pv=pv, qk=softmax, ndim=len(xs), q=softmax)
+    qk = _walk_scores(x, ch)
+    if qk is None:
+        return None
+    ch.qk = qk
+    ch.skip.extend(probs_skip)
+    ch.interior = [qk, *reversed(ch.interior), softmax, *probs_nodes]
+    qo = _op(qk)
+    if qo.kind == "einsum":
+        ops = qo.args["operands"]
+        e = _qk_einsum(qo.args["equation"], ops[0], ops[1])
+        if e is None or e[0] not in (3, 4):
+            return None
+        ch.pattern = "einsum"
+        ch.ndim, ch.q_perm, k_perm = e
+        ch.q = _peel_scale(ops[0], ch.scale)
+        kk = _peel_scale(ops[1], ch.scale)
+        if k_perm is None:
+            ch.k = kk
+        else:
+            ch.k_from = ("permute", kk, k_perm)
+    else:
+        q, kt = qo.args.get("input"), qo.args.get("other")
+        qs, kts = node_shape(q), node_shape(kt)
+        if qs is None or kts is None or len(qs) != len(kts) or len(qs) not in (3, 4):
+            return None
+        ch.ndim = len(qs)
+        if qo.kind in ("bmm", "baddbmm"):
+            ch.pattern = "bmm"
+        if qo.kind == "baddbmm":
+            if _const(qo.args.get("beta", 1)) != 1.0:
+                ch.skip.append("baddbmm with beta != 1")
+            alpha = qo.args.get("alpha", 1)
+            if _const(alpha) != 1.0:
+                if _is_scalar(alpha):
+                    ch.scale.append(("mul", alpha))
+                else:
+                    ch.skip.append("baddbmm alpha is not a scalar")
+            ch.masks.append(("additive", qo.args.get("bias")))
+        ch.q = _peel_scale(q, ch.scale)
+        kt = _peel_scale(kt, ch.scale)
+        k, k_from = _untranspose(kt, ch.ndim)
+        if k is not None:
+            ch.k = _peel_scale(k, ch.scale)
+        else:
+            ch.k_from = k_from
+    po = _op(pv)
+    if po.kind == "einsum":
+        ops = po.args["operands"]
+        e = _pv_einsum(po.args["equation"], ops[0], ops[1])
+        if e is None:
+            return None
+        ch.v_perm, canon_eq, out_perm = e
+        ch.v = ops[1]
+        if out_perm is not None:
+            ch.out_einsum = (canon_eq, out_perm)
+        if ch.pattern != "einsum":
+            ch.pattern = "einsum"
+    else:
+        ch.v = po.args.get("other")
+        vs = node_shape(ch.v)
+        if vs is None or len(vs) != ch.ndim:
+            return None
+    return ch
+
+
+def _check_shapes(ch: _Chain) -> str | None:
+    """Why q/k/v do not fit the op's ``[B, H, N, D]`` / ``[B, Hkv, N, D]`` layout, or None."""
+    qs = _permuted(node_shape(ch.q), ch.q_perm)
+    if ch.k is not None:
+        ks = node_shape(ch.k)
+    elif ch.k_from[0] == "permute":
+        ks = _permuted(node_shape(ch.k_from[1]), ch.k_from[2])
+    else:
+        s = node_shape(ch.k_from[1])
+        ks = None if s is None else (*s[:-2], s[-1], s[-2])
+    vs = _permuted(node_shape(ch.v), ch.v_perm)
+    if qs is None or ks is None or vs is None:
+        return "q/k/v shapes unknown in the captured graph"
+    if not (len(qs) == len(ks) == len(vs) == ch.ndim):
+        return f"q/k/v ranks differ ({len(qs)}, {len(ks)}, {len(vs)})"
+    if not _same(qs[-1], ks[-1]):
+        return "q and k head dims differ"
+    if not _same(ks[-2], vs[-2]):
+        return "k and v lengths differ"
+    for i in range(ch.ndim - 2):
+        if i == ch.ndim - 3 and ch.ndim == 4:
+            continue  # the head axis may be shared (GQA) and is checked below
+        if not (_same(qs[i], ks[i]) and _same(qs[i], vs[i])):
+            return "q and k/v batch sizes differ (broadcast over the batch)"
+    if ch.ndim == 4:
+        h, hk, hv = _int(qs[1]), _int(ks[1]), _int(vs[1])
+        if not _same(ks[1], vs[1]):
+            return "k and v head counts differ"
+        if not _same(qs[1], ks[1]):
+            if h is None or hk is None or hv is None:
+                return "head counts are symbolic"
+            if h % hk:
+                return "query heads not a multiple of key/value heads"
+    return None
+
+
+def _permuted(shape, perm):
+    if shape is None or perm is None:
+        return shape
+    return tuple(shape[i] for i in perm)
+
+
+# ---------------------------------------------------------------------------
+# Building the match: helper nodes only for sites that will be rewritten.
+# ---------------------------------------------------------------------------
+
+
+def _meta_key(graph: fx.Graph) -> str:
+    for n in graph.nodes:
+        if "val" in n.meta:
+            return "val"
+        if "example_value" in n.meta:
+            return "example_value"
+    return "val"
+
+
+def _fake_mode(values):
+    """The fake mode of the graph's example values (not the tracing context's, which may differ)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for v in values:
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return None
+
+
+def _emit(graph: fx.Graph, like: fx.Node, op: str, target, args, kwargs=None) -> fx.Node:
+    """Insert a helper node (before the current insertion point) with its example value."""
+    kwargs = kwargs or {}
+    node = graph.create_node(op, target, tuple(args), kwargs)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    vals = fx.node.map_arg((tuple(args), kwargs), node_value)
+    flat = [v for v in torch.utils._pytree.tree_leaves(vals)]
+    fake = _fake_mode(flat)
+    if fake is not None or not any(isinstance(v, torch.Tensor) for v in flat):
+        import contextlib
+
+        ctx = fake if fake is not None else contextlib.nullcontext()
+        fn = getattr(torch.Tensor, target) if op == "call_method" else target
+        # Meta only feeds the report and later passes; a helper whose example value cannot
+        # be computed still runs correctly, so a failure here leaves the meta empty.
+        try:
+            with ctx:
+                node.meta[_meta_key(graph)] = fn(*vals[0], **vals[1])
+        except Exception:  # noqa: BLE001
+            pass
+    return node
+
+
+def _materialize(gm: fx.GraphModule, ch: _Chain) -> tuple:
+    """Create the helper nodes a rewritable chain needs; return (q, k, v, mask, scale)."""
+    graph = gm.graph
+    pv = ch.pv
+    for n in ch.interior:  # metadata checks on nodes that are about to go away
+        for u in list(n.users):
+            if _is_assert(u):
+                graph.erase_node(u)
+    with graph.inserting_before(pv):
+        q = ch.q
+        if ch.q_perm is not None:
+            q = _emit(graph, pv, "call_function", torch.permute, (q, ch.q_perm))
+        k = ch.k
+        if k is None:
+            if ch.k_from[0] == "permute":
+                k = _emit(graph, pv, "call_function", torch.permute, (ch.k_from[1], ch.k_from[2]))
+            else:
+                k = _emit(graph, pv, "call_function", torch.transpose, (ch.k_from[1], -2, -1))
+        v = ch.v
+        if ch.v_perm is not None:
+            v = _emit(graph, pv, "call_function", torch.permute, (v, ch.v_perm))
+        if ch.ndim == 4:  # GQA: hand the op the un-repeated k and v
+            uk, uv = _unrepeat(k), _unrepeat(v)
+            if uk is not None and uv is not None and _same(uk[1], uv[1]) and not _mutated(k, v):
+                k, v = uk[0], uv[0]
+        mask = _combine_masks(graph, pv, ch.masks)
+        scale = _combine_scale(graph, pv, ch.scale)
+    return q, k, v, mask, scale
+
+
+def _combine_masks(graph: fx.Graph, like: fx.Node, masks: list) -> fx.Node | None:
+    allowed: list = []
+    additive: list = []
+    for kind, node in masks:
+        if kind == "additive":
+            additive.append(node)
+            continue
+        if kind == "blocked":
+            o = _op(node)
+            if o is not None and o.kind == "not" and _dtype(o.args.get("input")) == torch.bool:
+                node = o.args["input"]
+            else:
+                node = _emit(graph, like, "call_function", torch.logical_not, (node,))
+        allowed.append(node)
+    mask_add = None
+    for m in additive:
+        mask_add = (
+            m
+            if mask_add is None
+            else _emit(graph, like, "call_function", operator.add, (mask_add, m))
+        )
+    mask_bool = None
+    for m in allowed:
+        mask_bool = (
+            m
+            if mask_bool is None
+            else _emit(graph, like, "call_function", torch.logical_and, (mask_bool, m))
+        )
+    if mask_add is None:
+        return mask_bool
+    if mask_bool is None:
+        return mask_add
+    blocked = _emit(graph, like, "call_function", torch.logical_not, (mask_bool,))
+    return _emit(
+        graph, like, "call_function", torch.masked_fill, (mask_add, blocked, float("-inf"))
+    )
+
+
+def _combine_scale(graph: fx.Graph, like: fx.Node, factors: list) -> Any:
+    const = 1.0
+    nodes = []
+    for op, f in factors:
+        c = _const(f) if not isinstance(node_value(f), (torch.SymInt, torch.SymFloat)) else None
+        if c is not None:
+            const = const * c if op == "mul" else const / c
+        else:
+            nodes.append((op, f))
+    scale: Any = const
+    for op, f in nodes:
+        fn = operator.mul if op == "mul" else operator.truediv
+        scale = _emit(graph, like, "call_function", fn, (scale, f))
+    return scale
+
+
+def _canonical_pv(gm: fx.GraphModule, ch: _Chain) -> fx.Node:
+    """For a ``probs·v`` einsum with a non-``[B, H, Nq, Dv]`` output: split off the permute."""
+    graph = gm.graph
+    pv = ch.pv
+    eq, out_perm = ch.out_einsum
+    po = _op(pv)
+    with graph.inserting_before(pv):
+        core = _emit(graph, pv, "call_function", torch.einsum, (eq, *po.args["operands"]))
+        out = _emit(graph, pv, "call_function", torch.permute, (core, out_perm))
+    pv.replace_all_uses_with(out)
+    graph.erase_node(pv)
+    ch.interior = [n for n in ch.interior if n is not pv]
+    return core
+
+
+def _skip_reason(ch: _Chain) -> str | None:
+    if ch.skip:
+        return ch.skip[0]
+    for kind, node in ch.masks:
+        if kind == "additive":
+            why = _bias_reason(node)
+            if why is not None:
+                return why
+    why = _check_shapes(ch)
+    if why is not None:
+        return why
+    vq, vo = node_value(ch.q), node_value(ch.pv)
+    if isinstance(vq, torch.Tensor) and isinstance(vo, torch.Tensor) and vq.dtype != vo.dtype:
+        return f"attention output dtype {vo.dtype} differs from the query's {vq.dtype}"
+    m = AttentionMatch(
+        pattern=ch.pattern, output=ch.pv, q=ch.q, k=ch.k, v=ch.v, interior=ch.interior
+    )
+    inside = set(ch.interior) | {ch.pv}
+    esc = [
+        n for n in escaping_nodes(m) if any(u not in inside and not _is_assert(u) for u in n.users)
+    ]
+    if esc:
+        names = ", ".join(n.name for n in esc[:3])
+        return (
+            f"intermediate result(s) {names} of the attention are used elsewhere "
+            "(attention weights returned or stored, or modified in place)"
+        )
+    return None
+
+
+def _mask_kind(mask: Any, masks: list) -> str:
+    if mask is None:
+        return "none"
+    if any(k == "additive" for k, _ in masks):
+        return "dense-additive"
+    return mask_kind_of(mask, False)
+
+
+# ---------------------------------------------------------------------------
+# nn.MultiheadAttention: Dynamo keeps F.multi_head_attention_forward as one call.
+# ---------------------------------------------------------------------------
+
+_MHA_SIG = inspect.signature(F.multi_head_attention_forward)
+
+
+def mha_in_projection(
+    query,
+    key,
+    value,
+    num_heads,
+    in_proj_weight,
+    in_proj_bias,
+    q_proj_weight=None,
+    k_proj_weight=None,
+    v_proj_weight=None,
+):
+    """In-projection of ``nn.MultiheadAttention``: ``[L, B, E]`` inputs to ``[B, H, L, D]``.
+
+    Equal to ``F._in_projection_packed`` / ``F._in_projection`` followed by the
+    head split of ``F.multi_head_attention_forward``.
+    """
+    if q_proj_weight is None:
+        w_q, w_k, w_v = in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = q_proj_weight, k_proj_weight, v_proj_weight
+    b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+
+    def heads(x):
+        n, b, e = x.shape
+        return x.reshape(n, b, num_heads, e // num_heads).permute(1, 2, 0, 3)
+
+    return (
+        heads(F.linear(query, w_q, b_q)),
+        heads(F.linear(key, w_k, b_k)),
+        heads(F.linear(value, w_v, b_v)),
+    )
+
+
+def mha_mask(attn_mask, key_padding_mask, query, num_heads):
+    """The additive ``[B|1, H|1, L, S]`` mask of ``F.multi_head_attention_forward``.
+
+    Bool masks (True = masked) become ``-inf``; a 3-D ``attn_mask`` is ``[B*H, L, S]``;
+    ``query`` (``[L, B, E]``) gives the batch size and the dtype.
+    """
+    batch, dtype = query.shape[1], query.dtype
+
+    def additive(m):
+        if m.dtype == torch.bool:
+            return torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf"))
+        return m.to(dtype)
+
+    out = None
+    if attn_mask is not None:
+        m = additive(attn_mask)
+        out = (
+            m[None, None] if m.dim() == 2 else m.reshape(batch, num_heads, m.shape[-2], m.shape[-1])
+        )
+    if key_padding_mask is not None:
+        kp = additive(key_padding_mask)
+        kp = kp.reshape(kp.shape[0], 1, 1, kp.shape[-1])
+        out = kp if out is None else out + kp
+    return out
+
+
+def mha_out_projection(attn, out_proj_weight, out_proj_bias):
+    """``[B, H, L, D]`` attention to the ``[L, B, E]`` output of ``nn.MultiheadAttention``."""
+    b, h, n, d = attn.shape
+    x = attn.permute(2, 0, 1, 3).reshape(n * b, h * d)
+    return F.linear(x, out_proj_weight, out_proj_bias).reshape(n, b, h * d)
+
+
+def _find_mha(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> AttentionMatch:
+    bound = _MHA_SIG.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    query, key, value = a["query"], a["key"], a["value"]
+    path = module_path(node)
+
+    def skipped(reason: str) -> AttentionMatch:
+        return AttentionMatch(
+            pattern="mha",
+            output=node,
+            q=query,
+            k=key,
+            v=value,
+            mask=a["attn_mask"],
+            module_path=path,
+            skip_reason=reason,
+            mask_kind=mask_kind_of(a["attn_mask"], a["is_causal"]),
+        )
+
+    users = list(node.users)
+    getters = {}
+    for u in users:
+        if u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1):
+            getters[u.args[1]] = u
+        else:
+            return skipped("the result of multi_head_attention_forward is used as a tuple")
+    if a["need_weights"] is not False and 1 in getters and getters[1].users:
+        return skipped(
+            "nn.MultiheadAttention returns its attention weights (need_weights=True) "
+            "and they are used: the softmax must stay exact"
+        )
+    if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"] is not False:
+        return skipped("nn.MultiheadAttention with add_bias_kv or add_zero_attn")
+    if a["static_k"] is not None or a["static_v"] is not None:
+        return skipped("nn.MultiheadAttention with static_k/static_v")
+    if a["training"] is not False and _const(a["dropout_p"]) != 0.0:
+        return skipped("dropout on the attention weights in training mode")
+    qs = node_shape(query)
+    if qs is None or len(qs) != 3:
+        return skipped("unbatched (2-D) nn.MultiheadAttention input")
+    if not isinstance(a["num_heads"], int) or not isinstance(a["embed_dim_to_check"], int):
+        return skipped("head count or embedding size is not a constant")
+    heads = a["num_heads"]
+    head_dim = a["embed_dim_to_check"] // heads
+    is_causal = a["is_causal"] is True
+    attn_mask, kpm = a["attn_mask"], a["key_padding_mask"]
+    if is_causal and kpm is None and a["need_weights"] is False:
+        attn_mask = None  # F.multi_head_attention_forward hands SDPA is_causal alone
+    else:
+        is_causal = False
+
+    graph = gm.graph
+    out0 = getters.get(0)
+    with graph.inserting_before(node):
+        sep = a["use_separate_proj_weight"] is True
+        proj = _emit(
+            graph,
+            node,
+            "call_function",
+            mha_in_projection,
+            (
+                query,
+                key,
+                value,
+                heads,
+                a["in_proj_weight"],
+                a["in_proj_bias"],
+                a["q_proj_weight"] if sep else None,
+                a["k_proj_weight"] if sep else None,
+                a["v_proj_weight"] if sep else None,
+            ),
+        )
+        q, k, v = (
+            _emit(graph, node, "call_function", operator.getitem, (proj, i)) for i in range(3)
+        )
+        mask = None
+        if attn_mask is not None or kpm is not None:
+            mask = _emit(
+                graph,
+                node,
+                "call_function",
+                mha_mask,
+                (attn_mask, kpm, query, heads),
+            )
+        scale = 1.0 / math.sqrt(head_dim)
+        core = _emit(
+            graph,
+            node,
+            "call_function",
+            F.scaled_dot_product_attention,
+            (q, k, v),
+            {"attn_mask": mask, "is_causal": is_causal, "scale": scale},
+        )
+        out = _emit(
+            graph,
+            node,
+            "call_function",
+            mha_out_projection,
+            (core, a["out_proj_weight"], a["out_proj_bias"]),
+        )
+    if out0 is not None:
+        out0.replace_all_uses_with(out)
+        graph.erase_node(out0)
+    if 1 in getters:
+        graph.erase_node(getters[1])
+    graph.erase_node(node)
+    return AttentionMatch(
+        pattern="mha",
+        output=core,
+        q=q,
+        k=k,
+        v=v,
+        mask=mask,
+        scale=scale,
+        is_causal=is_causal,
+        interior=[],
+        module_path=path,
+        mask_kind="dense-additive" if mask is not None else ("causal" if is_causal else "none"),
+    )
+
+
+# ---------------------------------------------------------------------------
+# The pass.
+# ---------------------------------------------------------------------------
+
+
+def _is_softmax(node: fx.Node) -> bool:
+    o = _op(node)
+    return o is not None and o.kind == "softmax"
+
+
+def find_eager(gm: fx.GraphModule, ctx: PassContext) -> list[AttentionMatch]:
+    """Every hand-written attention in ``gm``, with the reason when it must stay exact.
+
+    Rewritable matches get their helper nodes (transposed/permuted operands, the
+    allowed mask, the combined scale) inserted before the attention output;
+    skipped matches change nothing in the graph.
+    """
+    matches: list[AttentionMatch] = []
+    for node in list(gm.graph.nodes):
+        if node._erased:  # replaced while rewriting an earlier match
+            continue
+        if node.op == "call_function" and node.target is F.multi_head_attention_forward:
+            m = _find_mha(gm, node, ctx)
+            ctx.count("found_mha")
+            matches.append(m)
+            continue
+        if not _is_softmax(node):
+            continue
+        ch = _scores_chain(node)
+        if ch is None:
+            continue
+        ctx.count(f"found_{ch.pattern}")
+        reason = _skip_reason(ch)
+        path = module_path(ch.pv) or module_path(node)
+        if reason is not None:
+            m = AttentionMatch(
+                pattern=ch.pattern,
+                output=ch.pv,
+                q=ch.q,
+                k=ch.k if ch.k is not None else ch.k_from[1],
+                v=ch.v,
+                interior=ch.interior,
+                skip_reason=reason,
+                module_path=path,
+                view_4d=ch.ndim == 3,
+                mask_kind="bias"
+                if any(k == "additive" for k, _ in ch.masks)
+                else ("dense" if ch.masks else "none"),
+            )
+            matches.append(m)
+            continue
+        if ch.out_einsum is not None:
+            ch.pv = _canonical_pv(gm, ch)
+        q, k, v, mask, scale = _materialize(gm, ch)
+        matches.append(
+            AttentionMatch(
+                pattern=ch.pattern,
+                output=ch.pv,
+                q=q,
+                k=k,
+                v=v,
+                mask=mask,
+                scale=scale,
+                is_causal=False,
+                interior=ch.interior,
+                mask_kind=_mask_kind(mask, ch.masks),
+                module_path=path,
+                view_4d=ch.ndim == 3,
+            )
+        )
+    return matches
+
+
+__all__ = ["find_eager", "mha_in_projection", "mha_mask", "mha_out_projection"]
