@@ -1,0 +1,177 @@
+"""nanite_compile.evaluate on a tiny random Llama: the numbers match an independent computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nanite_compile.evaluate import (
+    PerplexityResult,
+    logits_of,
+    perplexity,
+    time_forward,
+    token_nll,
+)
+
+transformers = pytest.importorskip("transformers")
+
+N = 48
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (2, N), generator=torch.Generator().manual_seed(1))
+
+
+def reference_nll(model, ids) -> torch.Tensor:
+    """Per-token NLL in float64, written out independently of evaluate.py."""
+    with torch.no_grad():
+        logits = model(ids).logits.double()
+    logp = logits[:, :-1] - torch.logsumexp(logits[:, :-1], dim=-1, keepdim=True)
+    return -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def test_ppl_is_exp_mean_nll(model, ids):
+    ref = reference_nll(model, ids)
+    res = perplexity(model, ids)
+    assert isinstance(res, PerplexityResult)
+    assert res.n_tokens == 2 * (N - 1)
+    assert res.nll == pytest.approx(ref.mean().item(), rel=1e-6)
+    assert res.ppl == pytest.approx(math.exp(ref.mean().item()), rel=1e-6)
+    # A random model is close to uniform over the vocabulary.
+    assert VOCAB / 2 < res.ppl < VOCAB * 2
+
+
+def test_one_dim_input_is_one_sequence(model, ids):
+    assert perplexity(model, ids[0]).ppl == pytest.approx(perplexity(model, ids[:1]).ppl, rel=1e-9)
+
+
+def test_ranges_partition_the_tokens(model, ids):
+    ref = reference_nll(model, ids)
+    res = perplexity(model, ids, ranges=[(0, 16), (16, 40), (40, N)])
+    # Position 0 is never predicted, so the first range scores tokens 1..15.
+    assert [r.n_tokens for r in res.ranges] == [2 * 15, 2 * 24, 2 * 8]
+    assert sum(r.n_tokens for r in res.ranges) == res.n_tokens
+    for r, (lo, hi) in zip(res.ranges, [(1, 16), (16, 40), (40, N)], strict=True):
+        assert r.nll == pytest.approx(ref[:, lo - 1 : hi - 1].mean().item(), rel=1e-6)
+        assert r.ppl == pytest.approx(math.exp(r.nll), rel=1e-12)
+    weighted = sum(r.nll * r.n_tokens for r in res.ranges) / res.n_tokens
+    assert weighted == pytest.approx(res.nll, rel=1e-9)
+
+
+def test_ranges_may_overlap_and_keep_their_order(model, ids):
+    res = perplexity(model, ids, ranges=[(10, 20), (0, N), (5, 15)])
+    assert [(r.start, r.end) for r in res.ranges] == [(10, 20), (0, N), (5, 15)]
+    assert res.ranges[1].nll == pytest.approx(res.nll, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "ranges, error, match",
+    [
+        ([(0, N + 1)], ValueError, "0 <= start < end <= 48"),
+        ([(-1, 4)], ValueError, "0 <= start < end"),
+        ([(8, 8)], ValueError, "0 <= start < end"),
+        ([(9, 3)], ValueError, "0 <= start < end"),
+        ([(0, 1)], ValueError, "predicts no token"),
+        ([(0, 4.0)], TypeError, "pair of ints"),
+        ([(0, 4, 8)], TypeError, "pair of ints"),
+        ([5], TypeError, "pair of ints"),
+    ],
+)
+def test_bad_ranges_raise(model, ids, ranges, error, match):
+    with pytest.raises(error, match=match):
+        perplexity(model, ids, ranges=ranges)
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (torch.zeros(2, N), TypeError, "integer token ids"),
+        (torch.zeros(1, 2, N, dtype=torch.long), ValueError, r"\[N\] or \[B, N\]"),
+        (torch.zeros(1, 1, dtype=torch.long), ValueError, "at least 2 tokens"),
+        ([1, 2, 3], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_ids_raise(model, bad, error, match):
+    with pytest.raises(error, match=match):
+        perplexity(model, bad)
+
+
+def test_plain_module_returning_logits_tensor():
+    """A non-HF model whose forward returns the logits tensor itself."""
+    emb = torch.nn.Embedding(VOCAB, VOCAB)
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(emb(ids)[0, :-1], ids[0, 1:])
+    assert perplexity(emb, ids).nll == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_output_without_logits_is_a_clear_error():
+    class NoLogits(torch.nn.Module):
+        def forward(self, ids):
+            return {"hidden": ids}
+
+    with pytest.raises(TypeError, match="expected a logits tensor"):
+        logits_of(NoLogits(), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_uninformative_logits_give_vocabulary_size():
+    logits = torch.zeros(1, 5, VOCAB)
+    ids = torch.arange(5)[None]
+    assert (
+        token_nll(logits, ids).exp().allclose(torch.full((1, 4), float(VOCAB), dtype=torch.float64))
+    )
+
+
+def test_chunked_nll_equals_unchunked():
+    logits = torch.randn(2, 33, VOCAB, generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(token_nll(logits, ids, chunk=5), token_nll(logits, ids, chunk=10_000))
+
+
+def test_infinite_nll_gives_infinite_ppl():
+    class Certain(torch.nn.Module):
+        def forward(self, ids):
+            logits = torch.full((*ids.shape, VOCAB), -1e30)
+            logits[..., 0] = 0.0  # always predicts token 0
+            return logits
+
+    res = perplexity(Certain(), torch.ones(1, 4, dtype=torch.long))
+    assert res.ppl == math.inf and res.nll > 1e29
+
+
+def test_time_forward(model, ids):
+    t = time_forward(model, ids, repeat=3, warmup=1)
+    assert len(t.times_s) == 3 and all(x > 0 for x in t.times_s)
+    assert t.min_s <= t.median_s
+    assert set(t.to_dict()) == {"median_s", "min_s", "times_s"}
+
+
+@pytest.mark.parametrize("kw", [{"repeat": 0}, {"repeat": 1.5}, {"warmup": -1}])
+def test_time_forward_bad_arguments(model, ids, kw):
+    with pytest.raises(ValueError, match="repeat|warmup"):
+        time_forward(model, ids, **kw)
+
+
+def test_no_grad_and_no_cache(model, ids):
+    logits = logits_of(model, ids)
+    assert not logits.requires_grad
+    assert logits.shape == (2, N, VOCAB)
