@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install nanite_compile (editable) with its Hugging Face and dev extras into ./.venv.
+#
+# Idempotent: creates .venv only when it is missing, and skips pip entirely when
+# the installed package was set up from the same pyproject.toml (a hash is kept
+# in .venv/.nanite-setup), so a second run takes well under a second.
+# PYTHON picks the interpreter that creates the venv (default: python3, >= 3.10).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $("$python" --version 2>&1)"
+  "$python" -m venv .venv
+fi
+
+stamp=.venv/.nanite-setup
+want=$(.venv/bin/python - <<'PY'
+import hashlib, pathlib, sys
+h = hashlib.sha256(pathlib.Path("pyproject.toml").read_bytes())
+h.update(str(pathlib.Path.cwd().resolve()).encode())
+h.update(sys.version.encode())
+print(h.hexdigest())
+PY
+)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+   && .venv/bin/python -c "import importlib.metadata as m; [m.version(d) for d in ('nanite-compile', 'torch', 'transformers', 'gguf', 'pytest', 'ruff')]" 2>/dev/null; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+
+# torch is pinned (==2.13.0) in pyproject.toml; pip keeps an installed CPU build
+# that satisfies the pin.
+.venv/bin/python -m pip install -e '.[hf,dev]'
+echo "$want" > "$stamp"
+echo "setup: done"
