@@ -18,18 +18,22 @@ Patterns (``AttentionMatch.pattern``):
 - ``bmm``: 3-D ``bmm``/``baddbmm`` chains ``[B*H, N, D]`` (``view_4d``), as in
   ``F.multi_head_attention_forward``'s slow path;
 - ``mha``: ``F.multi_head_attention_forward``, which Dynamo keeps as one call
-  (``nn.MultiheadAttention``): it is split into in-projection, attention and
-  out-projection so the attention alone can be rewritten.
+  (``nn.MultiheadAttention``), and ``torch._transformer_encoder_layer_fwd``
+  (``nn.TransformerEncoderLayer``'s fast path in eval under ``no_grad``): each
+  is split into plain functions around one SDPA node (in-projection, attention,
+  the rest of the layer) so the attention alone is rewritten.
 
 GQA ``repeat_kv`` (``k[:, :, None].expand(...).reshape(...)``,
 ``repeat_interleave(n, dim=1)``, a head-broadcasting ``expand``) is matched
 through: the op gets the un-repeated ``k``/``v``.
 
-Masks: an additive term is passed to the op as a dense mask when the graph
-shows it is one (a graph input, or built by comparisons, ``where``/
-``masked_fill`` with ``0``/``-inf``/``finfo.min``, ``(1 - m) * finfo.min``, a
-buffer holding only such values); a boolean ``masked_fill``/``where``
-condition is passed as the *allowed* mask. Anything else added to the scores
+Masks: a ``tril`` buffer slice (nanoGPT's ``bias[:, :, :T, :T] == 0``) is
+proven causal from the buffer's value and becomes ``is_causal=True``. Other
+masks go to the op dense (it reads causal/padding/window structure at run
+time): a boolean ``masked_fill``/``where`` condition as the *allowed* mask, an
+additive term when the graph shows it is a mask (a graph input, or built by
+comparisons, ``where``/``masked_fill`` with ``0``/``-inf``/``finfo.min``,
+``(1 - m) * finfo.min``, a buffer holding only such values). Anything else added to the scores
 (ALiBi slopes, relative position embeddings), a ``tanh`` soft-cap, a scale
 that is a tensor, dropout in training mode, or attention weights used outside
 the chain leave the site exact, with the reason in the match.
@@ -41,6 +45,7 @@ ATen graphs (``torch.export``'s ``aten.*`` ops).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import inspect
 import math
 import operator
@@ -424,13 +429,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _int(x: Any) -> int | None:
+    """An int, or a SymInt that is a known constant; None otherwise (never specialises)."""
     if isinstance(x, int):
         return x
     if isinstance(x, torch.SymInt):
-        try:
-            return int(x.node.maybe_as_int()) if x.node.maybe_as_int() is not None else None
-        except Exception:  # noqa: BLE001
-            return None
+        return x.node.maybe_as_int()
     return None
 
 
@@ -447,8 +450,8 @@ def _state_kind(node: fx.Node) -> str:
         t = _attr_tensor(node)
         return "parameter" if isinstance(t, torch.nn.Parameter) else "buffer"
     ga = node.meta.get("grapharg")
-    if ga is None:
-        return "input"  # export: parameters and buffers are get_attr nodes
+    if ga is None or not isinstance(node_value(node), torch.Tensor):
+        return "input"  # export: parameters and buffers are get_attr nodes; sizes are inputs
     ex = getattr(ga, "example", None)
     src = getattr(ga, "source", None)
     name = getattr(src, "name", "")
@@ -556,6 +559,77 @@ def _not_a_mask(x: Any, depth: int = 0) -> fx.Node | str | None:
     return x
 
 
+def _slices_from_origin(index: Any) -> bool:
+    """``x[:, :, :a, :b]``: every entry a slice starting at 0 with step 1 (or ``...``/``None``)."""
+    items = index if isinstance(index, tuple) else (index,)
+    for it in items:
+        if it is Ellipsis or it is None:
+            continue
+        if not isinstance(it, slice) or it.start not in (None, 0) or it.step not in (None, 1):
+            return False
+    return True
+
+
+def _causal_buffer(cond: Any, allowed_polarity: bool, scores: fx.Node) -> bool:
+    """Whether a boolean mask condition is a top-left slice of a causal buffer.
+
+    Recognises nanoGPT's ``self.bias[:, :, :T, :T] == 0`` (and ``!= 0``, ``> 0``,
+    ``~``...) on a buffer whose value, read now, is lower-triangular: such a mask
+    is exactly SDPA's ``is_causal`` (top-left aligned). ``allowed_polarity``: the
+    condition marks allowed (True) or blocked (False) entries. Buffers are read at
+    compile time: a model that rewrites its causal buffer later must be recompiled.
+    """
+    if not isinstance(cond, fx.Node):
+        return False
+    o = _op(cond)
+    while o is not None and o.kind == "not":
+        allowed_polarity = not allowed_polarity
+        cond = o.args.get("input")
+        o = _op(cond)
+    if o is None or o.kind != "compare":
+        return False
+    tensors = [a for a in cond.args if isinstance(a, fx.Node)]
+    if len(tensors) != 1 or cond.kwargs or cond.op not in ("call_function", "call_method"):
+        return False
+    (sliced,) = tensors
+    ms, ss = node_shape(sliced), node_shape(scores)
+    if ms is None or ss is None or len(ms) < 2:
+        return False
+    if not (_same(ms[-2], ss[-2]) and _same(ms[-1], ss[-1])):
+        return False  # must not broadcast along the query or key axis
+    x = sliced
+    for _ in range(8):
+        so = _op(x)
+        if so is None:
+            break
+        if so.kind == "getitem" and _slices_from_origin(so.args.get("index")):
+            x = so.args.get("input")
+        elif (
+            so.kind == "slice"
+            and so.args.get("start") in (None, 0)
+            and (so.args.get("step", 1) in (None, 1))
+        ):
+            x = so.args.get("input")
+        else:
+            return False
+    if not isinstance(x, fx.Node) or x.op not in ("placeholder", "get_attr"):
+        return False
+    if _state_kind(x) != "buffer":
+        return False
+    full = _attr_tensor(x)
+    if full is None or full.dim() < 2:
+        return False
+    fn = cond.target if cond.op == "call_function" else getattr(torch.Tensor, cond.target)
+    with torch.no_grad():
+        m = fn(*[full if a is sliced else a for a in cond.args])
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != full.shape:
+        return False
+    allowed = m if allowed_polarity else ~m
+    r, c = allowed.shape[-2:]
+    tril = torch.ones(r, c, dtype=torch.bool, device=allowed.device).tril()
+    return bool((allowed.reshape(-1, r, c) == tril).all())
+
+
 def _has_parameter_ancestor(node: fx.Node, limit: int = 400) -> bool:
     seen: set = set()
     stack = [node]
@@ -611,6 +685,10 @@ class _Chain:
     masks: list = field(default_factory=list)  # [("additive"|"allowed"|"blocked", node)]
     interior: list = field(default_factory=list)
     skip: list = field(default_factory=list)
+    steps: int = 0  # nodes visited by the backward walk (bounded: masks can be large graphs)
+
+
+_MAX_STEPS = 256
 
 
 def _peel_scale(x: Any, factors: list) -> Any:
@@ -849,7 +927,8 @@ def _walk_scores(x: Any, ch: _Chain, depth: int = 0) -> fx.Node | None:
     Returns the score product node (``matmul``/``bmm``/``baddbmm``/``einsum`` of two
     activations), or None when the softmax input does not come from one.
     """
-    if not isinstance(x, fx.Node) or depth > 16:
+    ch.steps += 1
+    if not isinstance(x, fx.Node) or depth > 16 or ch.steps > _MAX_STEPS:
         return None
     o = _op(x)
     if o is None:
@@ -1085,11 +1164,9 @@ def _emit(graph: fx.Graph, like: fx.Node, op: str, target, args, kwargs=None) ->
         if key in like.meta:
             node.meta[key] = like.meta[key]
     vals = fx.node.map_arg((tuple(args), kwargs), node_value)
-    flat = [v for v in torch.utils._pytree.tree_leaves(vals)]
+    flat = list(torch.utils._pytree.tree_leaves(vals))
     fake = _fake_mode(flat)
     if fake is not None or not any(isinstance(v, torch.Tensor) for v in flat):
-        import contextlib
-
         ctx = fake if fake is not None else contextlib.nullcontext()
         fn = getattr(torch.Tensor, target) if op == "call_method" else target
         # Meta only feeds the report and later passes; a helper whose example value cannot
@@ -1103,7 +1180,8 @@ def _emit(graph: fx.Graph, like: fx.Node, op: str, target, args, kwargs=None) ->
 
 
 def _materialize(gm: fx.GraphModule, ch: _Chain) -> tuple:
-    """Create the helper nodes a rewritable chain needs; return (q, k, v, mask, scale)."""
+    """Create the helper nodes a rewritable chain needs; return (q, k, v, mask, scale,
+    is_causal)."""
     graph = gm.graph
     pv = ch.pv
     for n in ch.interior:  # metadata checks on nodes that are about to go away
@@ -1127,9 +1205,18 @@ def _materialize(gm: fx.GraphModule, ch: _Chain) -> tuple:
             uk, uv = _unrepeat(k), _unrepeat(v)
             if uk is not None and uv is not None and _same(uk[1], uv[1]) and not _mutated(k, v):
                 k, v = uk[0], uv[0]
-        mask = _combine_masks(graph, pv, ch.masks)
+        is_causal = _only_causal_mask(ch)
+        mask = None if is_causal else _combine_masks(graph, pv, ch.masks)
         scale = _combine_scale(graph, pv, ch.scale)
-    return q, k, v, mask, scale
+    return q, k, v, mask, scale, is_causal
+
+
+def _only_causal_mask(ch: _Chain) -> bool:
+    """The chain's one mask is a causal buffer slice (nanoGPT): pass ``is_causal`` instead."""
+    if len(ch.masks) != 1 or ch.masks[0][0] == "additive":
+        return False
+    kind, cond = ch.masks[0]
+    return _causal_buffer(cond, kind == "allowed", ch.qk)
 
 
 def _combine_masks(graph: fx.Graph, like: fx.Node, masks: list) -> fx.Node | None:
@@ -1231,12 +1318,16 @@ def _skip_reason(ch: _Chain) -> str | None:
     return None
 
 
-def _mask_kind(mask: Any, masks: list) -> str:
-    if mask is None:
+def _mask_kind(masks: list, is_causal: bool = False, bias: bool = False) -> str:
+    """``none``, ``causal`` (proven), ``dense-bool``/``dense-additive`` (read at run time),
+    or ``bias`` (an additive term that is not provably a mask)."""
+    if bias:
+        return "bias"
+    if is_causal:
+        return "causal"
+    if not masks:
         return "none"
-    if any(k == "additive" for k, _ in masks):
-        return "dense-additive"
-    return mask_kind_of(mask, False)
+    return "dense-additive" if any(k == "additive" for k, _ in masks) else "dense-bool"
 
 
 # ---------------------------------------------------------------------------
@@ -1434,6 +1525,96 @@ def _find_mha(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> AttentionM
     )
 
 
+# nn.TransformerEncoderLayer's fast path (eval, no grad) is one fused call.
+
+_TEL_ARGS = (
+    "src", "embed_dim", "num_heads", "in_proj_weight", "in_proj_bias", "out_proj_weight",
+    "out_proj_bias", "use_gelu", "norm_first", "eps", "norm_weight_1", "norm_bias_1",
+    "norm_weight_2", "norm_bias_2", "ffn_weight_1", "ffn_bias_1", "ffn_weight_2", "ffn_bias_2",
+    "mask", "mask_type",
+)  # fmt: skip
+
+
+def encoder_layer_qkv(src, num_heads, in_proj_weight, in_proj_bias, norm_first, eps, w1, b1):
+    """q, k, v ``[B, H, L, D]`` of a batch-first ``nn.TransformerEncoderLayer``."""
+    x = F.layer_norm(src, (src.shape[-1],), w1, b1, eps) if norm_first else src
+    x = x.transpose(0, 1)
+    return mha_in_projection(x, x, x, num_heads, in_proj_weight, in_proj_bias)
+
+
+def encoder_layer_mask(mask, mask_type, num_heads, src):
+    """The fused layer's mask (type 0 ``[L, S]``, 1 ``[B, S]``, 2 ``[B, H, L, S]``; bool
+    True = masked) as an additive ``[B|1, H|1, L, S]`` mask."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=src.dtype).masked_fill(mask, float("-inf"))
+    mask = mask.to(src.dtype)
+    if mask_type == 1:
+        return mask.reshape(mask.shape[0], 1, 1, mask.shape[-1])
+    if mask.dim() == 2:
+        return mask[None, None]
+    return mask
+
+
+def encoder_layer_rest(src, attn, out_proj_weight, out_proj_bias, use_gelu, norm_first, eps,
+                       w1, b1, w2, b2, ffn_w1, ffn_b1, ffn_w2, ffn_b2):  # fmt: skip
+    """Everything of the fused layer after attention: out-projection, residuals, norms, FFN."""
+    b, h, n, d = attn.shape
+    sa = F.linear(attn.permute(0, 2, 1, 3).reshape(b, n, h * d), out_proj_weight, out_proj_bias)
+    act = F.gelu if use_gelu else F.relu
+    e = (src.shape[-1],)
+    if norm_first:
+        x = src + sa
+        y = F.layer_norm(x, e, w2, b2, eps)
+        return x + F.linear(act(F.linear(y, ffn_w1, ffn_b1)), ffn_w2, ffn_b2)
+    x = F.layer_norm(src + sa, e, w1, b1, eps)
+    return F.layer_norm(x + F.linear(act(F.linear(x, ffn_w1, ffn_b1)), ffn_w2, ffn_b2), e, w2, b2,
+                        eps)  # fmt: skip
+
+
+def _find_encoder_layer(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> AttentionMatch:
+    a = dict(zip(_TEL_ARGS, node.args, strict=False))
+    a.update(node.kwargs)
+    path = module_path(node)
+    src = a["src"]
+    ss = node_shape(src)
+    if ss is None or len(ss) != 3 or not isinstance(a["num_heads"], int):
+        return AttentionMatch(
+            pattern="mha",
+            output=node,
+            q=src,
+            k=src,
+            v=src,
+            module_path=path,
+            skip_reason="fused encoder layer on an input that is not [B, N, E]",
+        )
+    heads = a["num_heads"]
+    head_dim = a["embed_dim"] // heads
+    graph = gm.graph
+    with graph.inserting_before(node):
+        proj = _emit(graph, node, "call_function", encoder_layer_qkv,
+                     (src, heads, a["in_proj_weight"], a["in_proj_bias"], a["norm_first"],
+                      a["eps"], a["norm_weight_1"], a["norm_bias_1"]))  # fmt: skip
+        q, k, v = (_emit(graph, node, "call_function", operator.getitem, (proj, i))
+                   for i in range(3))  # fmt: skip
+        mask = None
+        if a["mask"] is not None:
+            mask = _emit(graph, node, "call_function", encoder_layer_mask,
+                         (a["mask"], a["mask_type"], heads, src))  # fmt: skip
+        scale = 1.0 / math.sqrt(head_dim)
+        core = _emit(graph, node, "call_function", F.scaled_dot_product_attention, (q, k, v),
+                     {"attn_mask": mask, "scale": scale})  # fmt: skip
+        out = _emit(graph, node, "call_function", encoder_layer_rest,
+                    (src, core, a["out_proj_weight"], a["out_proj_bias"], a["use_gelu"],
+                     a["norm_first"], a["eps"], a["norm_weight_1"], a["norm_bias_1"],
+                     a["norm_weight_2"], a["norm_bias_2"], a["ffn_weight_1"], a["ffn_bias_1"],
+                     a["ffn_weight_2"], a["ffn_bias_2"]))  # fmt: skip
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return AttentionMatch(pattern="mha", output=core, q=q, k=k, v=v, mask=mask, scale=scale,
+                          module_path=path,
+                          mask_kind="dense-additive" if mask is not None else "none")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------
 # The pass.
 # ---------------------------------------------------------------------------
@@ -1456,9 +1637,12 @@ def find_eager(gm: fx.GraphModule, ctx: PassContext) -> list[AttentionMatch]:
         if node._erased:  # replaced while rewriting an earlier match
             continue
         if node.op == "call_function" and node.target is F.multi_head_attention_forward:
-            m = _find_mha(gm, node, ctx)
+            matches.append(_find_mha(gm, node, ctx))
             ctx.count("found_mha")
-            matches.append(m)
+            continue
+        if node.op == "call_function" and node.target is torch._transformer_encoder_layer_fwd:
+            matches.append(_find_encoder_layer(gm, node, ctx))
+            ctx.count("found_mha")
             continue
         if not _is_softmax(node):
             continue
@@ -1479,15 +1663,13 @@ def find_eager(gm: fx.GraphModule, ctx: PassContext) -> list[AttentionMatch]:
                 skip_reason=reason,
                 module_path=path,
                 view_4d=ch.ndim == 3,
-                mask_kind="bias"
-                if any(k == "additive" for k, _ in ch.masks)
-                else ("dense" if ch.masks else "none"),
+                mask_kind=_mask_kind(ch.masks, bias=reason.startswith("additive score bias")),
             )
             matches.append(m)
             continue
         if ch.out_einsum is not None:
             ch.pv = _canonical_pv(gm, ch)
-        q, k, v, mask, scale = _materialize(gm, ch)
+        q, k, v, mask, scale, is_causal = _materialize(gm, ch)
         matches.append(
             AttentionMatch(
                 pattern=ch.pattern,
@@ -1497,9 +1679,9 @@ def find_eager(gm: fx.GraphModule, ctx: PassContext) -> list[AttentionMatch]:
                 v=v,
                 mask=mask,
                 scale=scale,
-                is_causal=False,
+                is_causal=is_causal,
                 interior=ch.interior,
-                mask_kind=_mask_kind(mask, ch.masks),
+                mask_kind=_mask_kind(ch.masks, is_causal),
                 module_path=path,
                 view_4d=ch.ndim == 3,
             )
@@ -1507,4 +1689,12 @@ def find_eager(gm: fx.GraphModule, ctx: PassContext) -> list[AttentionMatch]:
     return matches
 
 
-__all__ = ["find_eager", "mha_in_projection", "mha_mask", "mha_out_projection"]
+__all__ = [
+    "find_eager",
+    "mha_in_projection",
+    "mha_mask",
+    "mha_out_projection",
+    "encoder_layer_qkv",
+    "encoder_layer_mask",
+    "encoder_layer_rest",
+]

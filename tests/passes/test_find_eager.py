@@ -167,6 +167,40 @@ class ALiBi(nn.Module):
         return s.softmax(-1) @ v
 
 
+class RelativeBias(nn.Module):
+    """T5-style: a learned embedding of the relative position, added to the scores."""
+
+    def __init__(self, heads=H, buckets=8):
+        super().__init__()
+        self.rel = nn.Embedding(2 * buckets + 1, heads)
+        self.buckets = buckets
+
+    def forward(self, q, k, v):
+        n = q.shape[2]
+        pos = torch.arange(n)
+        rel = (pos[None, :] - pos[:, None]).clamp(-self.buckets, self.buckets) + self.buckets
+        bias = self.rel(rel).permute(2, 0, 1)[None]
+        return (q @ k.transpose(-2, -1) + bias).softmax(-1) @ v
+
+
+class ComputedBias(nn.Module):
+    """A distance penalty computed in the graph from constants only (no parameters)."""
+
+    def forward(self, q, k, v):
+        pos = torch.arange(q.shape[2])
+        bias = -(pos[None, :] - pos[:, None]).abs().float() * 0.5
+        return (q @ k.transpose(-2, -1) * 0.25 + bias).softmax(-1) @ v
+
+
+class ExtendedMask(nn.Module):
+    """Older Hugging Face: ``(1.0 - attention_mask[:, None, None, :]) * finfo.min``."""
+
+    def forward(self, q, k, v, attention_mask):
+        ext = attention_mask[:, None, None, :].to(q.dtype)
+        ext = (1.0 - ext) * torch.finfo(q.dtype).min
+        return (q @ k.transpose(-2, -1) * 0.25 + ext).softmax(-1) @ v
+
+
 class Classifier(nn.Module):
     def __init__(self):
         super().__init__()
@@ -240,8 +274,21 @@ def test_nanogpt_causal_buffer_mask_rewritten(compile_nanite, assert_close_to_fp
     backend, out = compile_nanite(mod, x)
     assert backend.counters.get("found_eager") == 1 and backend.counters.get("rewritten") == 1
     site = only_site(backend)
-    assert (site.status, site.pattern, site.mask_kind) == ("rewritten", "eager", "dense-bool")
+    # the tril buffer is proven causal: the op gets is_causal=True and no N x N mask
+    assert (site.status, site.pattern, site.mask_kind) == ("rewritten", "eager", "causal")
     assert site.module_path == ""  # the compiled module itself
+    assert_close_to_fp64(mod, (x,), None, out)
+
+
+def test_non_causal_buffer_stays_a_dense_mask(compile_nanite, assert_close_to_fp64):
+    mod = CausalSelfAttention().eval()
+    t = mod.bias.shape[-1]
+    ones = torch.ones(t, t)
+    mod.bias.copy_((torch.tril(ones) - torch.tril(ones, -6)).view(1, 1, t, t))  # sliding window
+    x = torch.randn(B, N, 32)
+    backend, out = compile_nanite(mod, x)
+    site = only_site(backend)
+    assert (site.status, site.mask_kind) == ("rewritten", "dense-bool")
     assert_close_to_fp64(mod, (x,), None, out)
 
 
@@ -319,6 +366,17 @@ def test_masked_fill_finfo_min_padding(compile_nanite, assert_close_to_fp64):
     assert_close_to_fp64(mod, (q, k, v, lengths), None, out)
 
 
+def test_extended_padding_mask_is_a_mask(compile_nanite, assert_close_to_fp64):
+    mod = ExtendedMask()
+    q, k, v = qkv()
+    am = torch.ones(B, N, dtype=torch.long)
+    am[1, -5:] = 0
+    backend, out = compile_nanite(mod, q, k, v, am)
+    site = only_site(backend)
+    assert (site.status, site.mask_kind) == ("rewritten", "dense-additive")
+    assert_close_to_fp64(mod, (q, k, v, am), None, out)
+
+
 def test_bmm_slow_path_with_baddbmm_mask(compile_nanite, assert_close_to_fp64):
     mod = BmmSlowPath()
     q, k, v = (t.reshape(B * H, N, D) for t in qkv())
@@ -349,6 +407,40 @@ def test_multihead_attention_rewritten(need_weights, compile_nanite, assert_clos
     assert (site.status, site.pattern) == ("rewritten", "mha")
     assert site.module_path == "attn"
     assert_close_to_fp64(mod, (x, kpm), None, out)
+
+
+class Encoder(nn.Module):
+    """``nn.TransformerEncoder``: in eval under no_grad each layer is one fused call."""
+
+    def __init__(self, norm_first=False, activation="relu"):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(
+            32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first, activation=activation
+        )
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x, mask, key_padding_mask):
+        return self.enc(x, mask=mask, src_key_padding_mask=key_padding_mask)
+
+
+@pytest.mark.parametrize(
+    "norm_first, activation, causal",
+    [(False, "relu", False), (True, "gelu", True)],
+    ids=["post_norm_padding", "pre_norm_gelu_causal_padding"],
+)
+def test_transformer_encoder_fused_layers_rewritten(
+    norm_first, activation, causal, compile_nanite, assert_close_to_fp64
+):
+    mod = Encoder(norm_first, activation).eval()
+    x = torch.randn(B, N, 32)
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    kpm[1, -6:] = True
+    mask = torch.ones(N, N, dtype=torch.bool).triu(1) if causal else None  # True = masked
+    backend, out = compile_nanite(mod, x, mask, kpm)
+    assert [(s.status, s.pattern, s.module_path) for s in backend.sites] == [
+        ("rewritten", "mha", f"enc.layers.{i}") for i in range(2)
+    ]
+    assert_close_to_fp64(mod, (x, mask, kpm), None, out)
 
 
 def test_dynamic_length_compiles_once(assert_close_to_fp64):
@@ -383,9 +475,12 @@ def test_budget_quarter_runs_tiled(compile_nanite):
     [
         (SoftCap(), "soft-capping (tanh)"),
         (ALiBi(), "derived from parameters"),
+        (RelativeBias(), "derived from parameters"),
+        (ComputedBias(), "computed in the graph"),
         (ReturnsWeights(), "used elsewhere"),
+        (GQAAttention("repeat_kv").train(), "dropout on the attention weights in training mode"),
     ],
-    ids=["softcap", "alibi", "weights_returned"],
+    ids=["softcap", "alibi", "t5_relative", "computed_bias", "weights_returned", "train_dropout"],
 )
 def test_unprovable_sites_stay_exact(mod, reason, compile_nanite, assert_close_to_fp64):
     q, k, v = qkv()
@@ -394,7 +489,8 @@ def test_unprovable_sites_stay_exact(mod, reason, compile_nanite, assert_close_t
     assert site.status == "skipped"
     assert reason in site.reason
     assert backend.counters.get("rewritten", 0) == 0
-    assert_close_to_fp64(mod, (q, k, v), None, out, factor=1.0)
+    if not mod.training:  # (training-mode dropout is random)
+        assert_close_to_fp64(mod, (q, k, v), None, out, factor=1.0)
 
 
 def test_multihead_attention_weights_used_is_skipped(compile_nanite, assert_close_to_fp64):
