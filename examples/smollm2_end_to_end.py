@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
     }
 
-    t0 = time.perf_counter()
     try:
+        text = load_text(args.text)  # before the model: a wrong --text fails at once
+        t0 = time.perf_counter()
         model, tokenizer = data.load_smollm2(args.gguf)
     except data.AssetMissingError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -112,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         f"in {results['load_s']:.1f} s"
     )
 
-    ids = data.token_ids(tokenizer, load_text(args.text), args.tokens)
+    try:
+        ids = data.token_ids(tokenizer, text, args.tokens)
+    except ValueError as e:
+        print(f"error: --text {args.text} --tokens {args.tokens}: {e}", file=sys.stderr)
+        return 2
     ranges = ranges_for(args.tokens)
     print(
         f"text: first {args.tokens} tokens of {args.text}; {torch.get_num_threads()} CPU threads\n"
