@@ -53,14 +53,18 @@ class NaniteBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         ctx = PassContext(self.config, site_prefix=self.site_prefix, plans=self.plans,
                           graph_index=self.graphs)
-        self.graphs += 1
         run_passes(gm, ctx)
-        self._remember(ctx, example_inputs)
         if self.inner == "eager":
-            return gm.forward
-        from torch._inductor.compile_fx import compile_fx
+            compiled = gm.forward
+        else:
+            from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+            # may raise to restart Dynamo's analysis (e.g. a SymFloat scale reaching the op's
+            # float argument); only a graph that compiled is counted
+            compiled = compile_fx(gm, example_inputs)
+        self.graphs += 1
+        self._remember(ctx, example_inputs)
+        return compiled
 
     def context(self) -> PassContext:
         """A pass context carrying this backend's configuration and plans."""

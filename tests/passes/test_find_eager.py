@@ -455,6 +455,20 @@ def test_dynamic_length_compiles_once(assert_close_to_fp64):
     assert backend.counters == {"found_eager": 1, "rewritten": 1}
 
 
+def test_inductor_inner_compiler(assert_close_to_fp64):
+    """With inductor behind the rewrite: the scale attribute (a SymFloat under dynamic=True)
+    reaching the op's float argument restarts Dynamo's analysis once; the site counts once."""
+    mod = EinsumAttention("bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd", 0.25)
+    q, k, v = (t.transpose(1, 2).contiguous() for t in qkv())
+    backend = NaniteBackend(NaniteConfig(budget=1.0), inner="inductor")
+    compiled = torch.compile(mod, backend=backend, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(q, k, v)
+    assert backend.graphs == 1
+    assert backend.counters == {"found_einsum": 1, "rewritten": 1}
+    assert_close_to_fp64(mod, (q, k, v), None, out)
+
+
 def test_budget_quarter_runs_tiled(compile_nanite):
     mod = CausalSelfAttention(block_size=256).eval()
     x = torch.randn(1, 256, 32)
