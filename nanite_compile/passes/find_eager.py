@@ -59,7 +59,6 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .base import AttentionMatch, PassContext, module_path, node_shape, node_value
 from .find_sdpa import mask_kind_of
-from .rewrite import escaping_nodes
 
 aten = torch.ops.aten
 
@@ -203,6 +202,7 @@ _ATEN: dict[Any, str] = {
     aten.sub: "sub",
     aten.rsub: "rsub",
     aten.masked_fill: "masked_fill",
+    aten.masked_fill_: "masked_fill",  # torch.export keeps _canonical_mask's in-place fill
     aten.where: "where",
     aten.transpose: "transpose",
     aten.permute: "permute",
@@ -1184,10 +1184,6 @@ def _materialize(gm: fx.GraphModule, ch: _Chain) -> tuple:
     is_causal)."""
     graph = gm.graph
     pv = ch.pv
-    for n in ch.interior:  # metadata checks on nodes that are about to go away
-        for u in list(n.users):
-            if _is_assert(u):
-                graph.erase_node(u)
     with graph.inserting_before(pv):
         q = ch.q
         if ch.q_perm is not None:
@@ -1288,7 +1284,46 @@ def _canonical_pv(gm: fx.GraphModule, ch: _Chain) -> fx.Node:
     return core
 
 
-def _skip_reason(ch: _Chain) -> str | None:
+def _live_nodes(graph: fx.Graph) -> set:
+    """Nodes the graph's result (or a side effect) depends on; other uses are dead code
+    (torch.export keeps, e.g., the unused average of nn.MultiheadAttention's weights)."""
+    roots = [n for n in graph.nodes if n.op == "output" or _is_inplace(n) or n.is_impure()]
+    live: set = set()
+    while roots:
+        n = roots.pop()
+        if n not in live:
+            live.add(n)
+            roots.extend(n.all_input_nodes)
+    return live
+
+
+def _outside_uses(ch: _Chain, live: set) -> list:
+    """Users of the chain's interior outside it, not counting dead code and metadata asserts."""
+    inside = set(ch.interior) | {ch.pv}
+    return [
+        u
+        for n in ch.interior
+        for u in n.users
+        if u not in inside and u in live and not _is_assert(u)
+    ]
+
+
+def _drop_dead_uses(graph: fx.Graph, ch: _Chain, live: set) -> None:
+    """Erase the dead code and asserts hanging off the chain, which would keep it alive."""
+    inside = set(ch.interior) | {ch.pv}
+    doomed: set = set()
+    stack = [u for n in ch.interior for u in n.users if u not in inside]
+    while stack:
+        u = stack.pop()
+        if u not in doomed and (u not in live or _is_assert(u)):
+            doomed.add(u)
+            stack.extend(u.users)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for u in sorted(doomed, key=order.__getitem__, reverse=True):
+        graph.erase_node(u)
+
+
+def _skip_reason(ch: _Chain, live: set) -> str | None:
     if ch.skip:
         return ch.skip[0]
     for kind, node in ch.masks:
@@ -1302,13 +1337,8 @@ def _skip_reason(ch: _Chain) -> str | None:
     vq, vo = node_value(ch.q), node_value(ch.pv)
     if isinstance(vq, torch.Tensor) and isinstance(vo, torch.Tensor) and vq.dtype != vo.dtype:
         return f"attention output dtype {vo.dtype} differs from the query's {vq.dtype}"
-    m = AttentionMatch(
-        pattern=ch.pattern, output=ch.pv, q=ch.q, k=ch.k, v=ch.v, interior=ch.interior
-    )
-    inside = set(ch.interior) | {ch.pv}
-    esc = [
-        n for n in escaping_nodes(m) if any(u not in inside and not _is_assert(u) for u in n.users)
-    ]
+    esc = list(dict.fromkeys(n for n in ch.interior for u in _outside_uses(ch, live)
+                             if u in n.users))  # fmt: skip
     if esc:
         names = ", ".join(n.name for n in esc[:3])
         return (
@@ -1650,7 +1680,8 @@ def find_eager(gm: fx.GraphModule, ctx: PassContext) -> list[AttentionMatch]:
         if ch is None:
             continue
         ctx.count(f"found_{ch.pattern}")
-        reason = _skip_reason(ch)
+        live = _live_nodes(gm.graph)
+        reason = _skip_reason(ch, live)
         path = module_path(ch.pv) or module_path(node)
         if reason is not None:
             m = AttentionMatch(
@@ -1669,6 +1700,7 @@ def find_eager(gm: fx.GraphModule, ctx: PassContext) -> list[AttentionMatch]:
             continue
         if ch.out_einsum is not None:
             ch.pv = _canonical_pv(gm, ch)
+        _drop_dead_uses(gm.graph, ch, live)
         q, k, v, mask, scale, is_causal = _materialize(gm, ch)
         matches.append(
             AttentionMatch(

@@ -536,8 +536,11 @@ def test_classifier_softmax_is_not_attention(compile_nanite):
         (CausalSelfAttention().eval(), lambda: (torch.randn(B, N, 32),), "eager"),
         (GQAAttention("repeat_kv").eval(), lambda: qkv(hkv=HKV), "eager"),
         (EinsumAttention("bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd", 0.25), qkv, "einsum"),
+        # nn.MultiheadAttention exported: its bmm slow path; the unused average of the
+        # weights stays in the exported graph as dead code
+        (MHABlock(need_weights=True, return_weights=False).eval(), lambda: _mha_args(), "bmm"),
     ],
-    ids=["nanogpt", "gqa", "einsum"],
+    ids=["nanogpt", "gqa", "einsum", "mha_bmm"],
 )
 def test_aten_level_after_export(mod, make_args, pattern, assert_close_to_fp64):
     args = make_args()
@@ -559,6 +562,21 @@ def test_aten_level_after_export(mod, make_args, pattern, assert_close_to_fp64):
 
 
 # ---------------------------------------------------------------- Hugging Face eager attention
+
+
+def _mha_args():
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    kpm[1, -6:] = True
+    return torch.randn(B, N, 32), kpm
+
+
+def test_aten_level_weights_returned_is_skipped():
+    mod = MHABlock(need_weights=True, return_weights=True).eval()
+    gm = torch.export.export(mod, _mha_args()).module()
+    ctx = PassContext(NaniteConfig(budget=1.0))
+    (m,) = run_passes(gm, ctx)
+    assert m.pattern == "bmm" and "used elsewhere" in m.skip_reason
+    assert ctx.counters == {"found_bmm": 1, "skipped": 1}
 
 
 def _hf(name):
