@@ -1,0 +1,516 @@
+"""The public API on bad input and its promised behaviour (issue 2, "Bad input").
+
+Budgets outside (0, 1], NaN or not numbers, things that are not modules and
+unknown options are clear errors naming the fix; a model without attention
+comes back unchanged; a sequence shorter than one tile runs the exact path;
+fp16/bf16 models stay finite and as close to fp64 as the original is; configs
+and reports round-trip through JSON; the ``nanite`` torch.compile backend and
+lazy capture of plain modules work; importing the package does not import
+Triton.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nanite_compile
+from nanite_compile import NaniteConfig, RewriteReport, SiteReport
+from nanite_compile.kernels.ops import recording
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+TILE = 16
+LAYER_PATHS = {"model.layers.0.self_attn", "model.layers.1.self_attn"}
+
+
+def tiny_llama(dtype=torch.float32, impl="sdpa"):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attn_implementation=impl,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+def ids(n, batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, n), generator=g)
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def assert_rounding_close(out, ref, ref64, eps, what="output"):
+    """``out`` is as close to the fp64 run as the original ``ref`` is (4x, plus a floor)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    e_conv = (out.double() - ref64).abs().max().item()
+    e_orig = (ref.double() - ref64).abs().max().item()
+    allowed = 4.0 * e_orig + 8 * eps * ref64.abs().max().item()
+    assert e_conv <= allowed, (
+        f"{what}: max |converted - fp64| = {e_conv:.3e} > {allowed:.3e} "
+        f"(the original's own error is {e_orig:.3e})"
+    )
+
+
+def tile_cfg(**kw):
+    return NaniteConfig(tile=TILE, **kw)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+    def forward(self, x):
+        return self.net(x).softmax(-1)  # a softmax that is no attention
+
+
+class SDPAAttention(nn.Module):
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, N, C))
+
+
+class TwoBlocks(nn.Module):
+    """A plain module (no config, no main_input_name) with two attentions."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([SDPAAttention(), SDPAAttention()])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def llama_quarter(llama):
+    return nanite_compile.convert(llama, budget=0.25, config=tile_cfg())
+
+
+# ----------------------------------------------------------------- bad input
+
+
+BAD_BUDGETS = [
+    (0, ValueError, r"budget must be in \(0, 1\].*1\.0 keeps attention exact"),
+    (-1, ValueError, r"budget must be in \(0, 1\]"),
+    (1.5, ValueError, r"budget must be in \(0, 1\]"),
+    (float("nan"), ValueError, r"budget must be in \(0, 1\].*nan"),
+    ("0.25", TypeError, r"budget must be a number in \(0, 1\].*e\.g\. 0\.25.*str"),
+    (True, TypeError, r"budget must be a number in \(0, 1\].*bool"),
+    (None, TypeError, r"budget must be a number"),
+]
+
+
+@pytest.mark.parametrize(
+    ("budget", "exc", "match"), BAD_BUDGETS, ids=["0", "-1", "1.5", "nan", "str", "True", "None"]
+)
+def test_bad_budget_is_a_clear_error(budget, exc, match):
+    model = MLP()
+    with pytest.raises(exc, match=match):
+        nanite_compile.convert(model, budget=budget)
+    assert "_nanite_state" not in model.__dict__
+    with pytest.raises(exc, match=match):
+        NaniteConfig(budget=budget)
+    with pytest.raises(exc, match=match):
+        nanite_compile.convert(model, config={"budget": budget})
+
+
+@pytest.mark.parametrize("budget", [1, 1.0, 0.5, 1e-3, torch.tensor(0.5).item()])
+def test_good_budgets_are_accepted(budget):
+    conv = nanite_compile.convert(MLP(), budget=budget)
+    assert nanite_compile.report(conv).config["budget"] == float(budget)
+
+
+@pytest.mark.parametrize(
+    "thing",
+    [lambda x: x, "model", None, {"model": 1}, torch.zeros(3)],
+    ids=["function", "str", "None", "dict", "tensor"],
+)
+def test_convert_rejects_what_is_not_a_module(thing):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module.*got"):
+        nanite_compile.convert(thing, budget=0.5)
+
+
+def test_report_of_something_not_converted():
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        nanite_compile.report("model")
+    with pytest.raises(ValueError, match=r"not converted.*nanite_compile\.convert"):
+        nanite_compile.report(MLP())
+
+
+def test_model_without_attention_is_unchanged():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(3, 7, 16)
+    want = model(x)
+    conv = nanite_compile.convert(model, budget=0.25)
+    assert type(conv) is MLP
+    assert torch.equal(conv(x), want)
+    assert torch.equal(conv(x[:1]), model(x[:1]))
+    rep = nanite_compile.report(conv)
+    assert rep.sites == []
+    assert rep.summary()["sites"] == 0
+    assert "0 attention sites" in str(rep)
+
+
+def test_model_without_attention_with_calibration():
+    """A float calibration tensor for a plain module without attention: nothing to rewrite."""
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(2, 5, 16)
+    conv = nanite_compile.convert(model, budget=0.25, calibration=x)
+    assert nanite_compile.report(conv).sites == []
+    assert torch.equal(conv(x), model(x))
+
+
+def test_sequence_shorter_than_one_tile_runs_exact(llama):
+    short = ids(TILE - 6)
+    want = logits(llama, short)
+    want64 = logits(copy.deepcopy(llama).double(), short)
+    # measured on the short calibration: the report says exact
+    conv = nanite_compile.convert(llama, budget=0.25, calibration=short, config=tile_cfg())
+    rep = nanite_compile.report(conv)
+    assert {s.site for s in rep.sites} == LAYER_PATHS
+    for s in rep.sites:
+        assert s.status == "rewritten"
+        assert s.runtime_path == "exact", s
+        assert s.runtime_reason, "the exact path says why"
+    # and the op itself takes the exact path on a fresh call
+    with recording() as rec:
+        out = logits(conv, short)
+    assert set(rec) == LAYER_PATHS
+    assert all(r["path"] == "exact" for recs in rec.values() for r in recs), rec
+    assert_rounding_close(out, want, want64, torch.finfo(torch.float32).eps)
+
+
+def test_short_sequence_after_long_probe_runs_exact(llama_quarter, llama):
+    """Converted on the synthetic (long) probe, then called with fewer tokens than a tile."""
+    probe_paths = {s.runtime_path for s in nanite_compile.report(llama_quarter).sites}
+    assert probe_paths == {"tiled"}, "the long probe runs the tiled path"
+    short = ids(5, seed=3)
+    with recording() as rec:
+        out = logits(llama_quarter, short)
+    assert set(rec) == LAYER_PATHS
+    assert all(r["path"] == "exact" for recs in rec.values() for r in recs), rec
+    assert_rounding_close(
+        out,
+        logits(llama, short),
+        logits(copy.deepcopy(llama).double(), short),
+        torch.finfo(torch.float32).eps,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_models(dtype):
+    model = tiny_llama(dtype)
+    x = ids(200)
+    want = logits(model, x)
+    want64 = logits(copy.deepcopy(model).double(), x)
+    eps = torch.finfo(dtype).eps
+    conv1 = nanite_compile.convert(model, budget=1.0, config=tile_cfg())
+    assert_rounding_close(logits(conv1, x), want, want64, eps, f"{dtype} at budget 1.0")
+    conv = nanite_compile.convert(model, budget=0.25, config=tile_cfg())
+    out = logits(conv, x)
+    assert out.dtype == dtype and out.shape == want.shape
+    assert torch.isfinite(out).all()
+    rep = nanite_compile.report(conv)
+    assert {s.site for s in rep.sites} == LAYER_PATHS
+    assert all(s.status == "rewritten" for s in rep.sites)
+    for s in rep.sites:
+        assert s.rel_error is not None and math.isfinite(s.rel_error), s
+    # the tiled path in low precision is about as far from fp64 as in fp32
+    model32 = copy.deepcopy(model).float()
+    conv32 = nanite_compile.convert(model32, budget=0.25, config=tile_cfg())
+    out32 = logits(conv32, x)
+    e_lp = (out.double() - want64).norm() / want64.norm()
+    e_32 = (out32.double() - want64).norm() / want64.norm()
+    e_orig_lp = (want.double() - want64).norm() / want64.norm()
+    assert e_lp <= e_32 + 4 * e_orig_lp + eps, (e_lp, e_32, e_orig_lp)
+
+
+# ----------------------------------------------------------------- options
+
+
+def test_unknown_config_options_are_type_errors():
+    with pytest.raises(TypeError):
+        NaniteConfig(tiles=16)
+    with pytest.raises(TypeError, match=r"unknown nanite option.*'tiles'.*known options"):
+        NaniteConfig.from_options({"tiles": 16})
+    with pytest.raises(TypeError, match=r"tiles"):
+        nanite_compile.convert(MLP(), config={"tiles": 16})
+    with pytest.raises(TypeError, match=r"NaniteConfig"):
+        nanite_compile.convert(MLP(), config="tile=16")
+
+
+@pytest.mark.parametrize(
+    ("options", "exc", "match"),
+    [
+        ({"tile": 24}, ValueError, "power of two"),
+        ({"tile": 16.0}, TypeError, "tile must be an int"),
+        ({"window": 0}, ValueError, "window must be >= 1"),
+        ({"impl": "cuda"}, ValueError, "impl must be one of"),
+        ({"inner": "aot"}, ValueError, "inner must be one of"),
+        ({"budget_reads": 0}, ValueError, "budget_reads must be >= 1"),
+    ],
+)
+def test_bad_config_values(options, exc, match):
+    with pytest.raises(exc, match=match):
+        NaniteConfig(**options)
+
+
+def test_budget_argument_overrides_config():
+    conv = nanite_compile.convert(MLP(), budget=1.0, config=NaniteConfig(budget=0.5, tile=32))
+    c = nanite_compile.report(conv).config
+    assert c["budget"] == 1.0 and c["tile"] == 32
+    conv = nanite_compile.convert(MLP(), config={"budget": 0.5, "tile": 32})
+    c = nanite_compile.report(conv).config
+    assert c["budget"] == 0.5 and c["tile"] == 32
+
+
+def test_config_json_round_trip():
+    c = NaniteConfig(
+        budget=0.5,
+        budget_reads=300,
+        tile=32,
+        window=3,
+        anchors=0,
+        horizon=8,
+        state_features=16,
+        seed=3,
+        impl="torch",
+        inner="eager",
+        chunk_bytes=2**20,
+    )
+    text = c.to_json()
+    assert json.loads(text)["tile"] == 32
+    back = NaniteConfig.from_json(text)
+    assert back == c and back.to_json() == text
+    assert NaniteConfig.from_json(NaniteConfig().to_json()) == NaniteConfig()
+    with pytest.raises(ValueError, match="object"):
+        NaniteConfig.from_json("[1, 2]")
+    with pytest.raises(TypeError, match="tiles"):
+        NaniteConfig.from_json('{"tiles": 16}')
+
+
+def test_report_json_round_trip(llama_quarter):
+    rep = nanite_compile.report(llama_quarter)
+    assert isinstance(rep, RewriteReport)
+    assert all(isinstance(s, SiteReport) for s in rep.sites)
+    text = rep.to_json()
+    back = RewriteReport.from_json(text)
+    assert back.to_json() == text
+    assert back.sites == rep.sites and back.config == rep.config and back.model == rep.model
+    table = str(rep)
+    assert "LlamaForCausalLM" in table and "2 attention sites" in table
+    for path in LAYER_PATHS:
+        assert path in table
+    with pytest.raises(ValueError, match="to_json"):
+        RewriteReport.from_json('{"model": "x"}')
+
+
+def test_report_sites_say_what_was_done(llama_quarter):
+    rep = nanite_compile.report(llama_quarter)
+    assert {s.module_path for s in rep.sites} == LAYER_PATHS
+    for s in rep.sites:
+        assert s.status == "rewritten" and s.reason == ""
+        assert s.pattern == "sdpa"
+        assert s.mask_kind == "causal"
+        assert s.plan["tile"] == TILE and s.plan["budget"] == 0.25
+        assert s.runtime_path == "tiled"
+        assert s.reads_per_query < s.exact_reads_per_query
+        assert s.flops_after < s.flops_before
+        assert 0 < s.rel_error < 1
+    sm = rep.summary()
+    assert sm["sites"] == 2 and sm["rewritten"] == 2 and sm["skipped"] == 0
+    assert 0 < sm["flops_ratio"] < 1
+
+
+# ----------------------------------------------------------------- capture paths
+
+
+def _compiled_llama(reset=True):
+    if reset:  # a fresh Dynamo cache: graphs compiled for other instances are not reused
+        torch._dynamo.reset()
+    model = tiny_llama()
+    compiled = torch.compile(model, backend="nanite", options={"budget": 1.0, "inner": "eager"})
+    return model, compiled
+
+
+def test_torch_compile_backend(llama):
+    model, compiled = _compiled_llama()
+    x = ids(100)
+    out = logits(compiled, x)
+    assert_rounding_close(
+        out,
+        logits(model, x),
+        logits(copy.deepcopy(model).double(), x),
+        torch.finfo(torch.float32).eps,
+    )
+    rep = nanite_compile.report(compiled)
+    assert sorted(s.module_path for s in rep.sites) == sorted(LAYER_PATHS), rep
+    assert all(s.status == "rewritten" and s.pattern == "sdpa" for s in rep.sites)
+
+
+def test_torch_compile_report_has_one_entry_per_site():
+    """A second length (Dynamo recompiles once for dynamic shapes) adds no duplicate sites."""
+    model, compiled = _compiled_llama()
+    logits(compiled, ids(100))
+    logits(compiled, ids(120))
+    rep = nanite_compile.report(compiled)
+    assert sorted(s.module_path for s in rep.sites) == sorted(LAYER_PATHS), (
+        f"{len(rep.sites)} entries: {[s.module_path for s in rep.sites]}"
+    )
+
+
+def test_torch_compile_report_of_a_second_instance():
+    """Dynamo reuses the graph compiled for the first instance of the class (parameters are
+    graph inputs); the report of the second instance still lists its sites."""
+    _, first = _compiled_llama()
+    logits(first, ids(100))
+    _, second = _compiled_llama(reset=False)
+    out = logits(second, ids(100))
+    assert torch.isfinite(out).all()
+    rep = nanite_compile.report(second)
+    assert sorted(s.module_path for s in rep.sites) == sorted(LAYER_PATHS), (
+        f"{len(rep.sites)} entries: {[s.module_path for s in rep.sites]}"
+    )
+
+
+def test_torch_compile_report_ignores_other_conversions():
+    """convert() shares the parameters; its sites are not the compiled model's."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    nanite_compile.convert(model, budget=0.25, config=tile_cfg())
+    compiled = torch.compile(model, backend="nanite", options={"budget": 1.0, "inner": "eager"})
+    logits(compiled, ids(100))
+    rep = nanite_compile.report(compiled)
+    assert sorted(s.module_path for s in rep.sites) == sorted(LAYER_PATHS), (
+        f"{len(rep.sites)} entries: {[s.module_path for s in rep.sites]}"
+    )
+    assert all(s.plan.get("budget") == 1.0 for s in rep.sites), [s.plan for s in rep.sites]
+
+
+def test_plain_module_is_captured_on_first_forward():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(1, 100, 32)
+    with torch.no_grad():
+        want = model(x)
+        want64 = copy.deepcopy(model).double()(x.double())
+    conv = nanite_compile.convert(model, budget=1.0, config=tile_cfg())
+    before = nanite_compile.report(conv)
+    assert before.sites == []
+    assert before.notes and any("first forward" in n for n in before.notes), before.notes
+    assert "note:" in str(before)
+    with torch.no_grad():
+        out = conv(x)
+    after = nanite_compile.report(conv)
+    assert {s.module_path for s in after.sites} == {"blocks.0", "blocks.1"}, after
+    assert all(s.status == "rewritten" for s in after.sites)
+    assert not after.notes
+    assert_rounding_close(out, want, want64, torch.finfo(torch.float32).eps)
+
+
+def test_root_attention_module_is_captured_on_first_forward():
+    """The model is itself the attention: its very first forward already runs converted."""
+    torch.manual_seed(0)
+    model = SDPAAttention().eval()
+    x = torch.randn(1, 100, 32)
+    conv = nanite_compile.convert(model, budget=0.25, config=tile_cfg())
+    with recording() as rec, torch.no_grad():
+        out = conv(x)
+    assert torch.isfinite(out).all()
+    assert len(nanite_compile.report(conv).sites) == 1
+    assert rec, "the first forward did not run the tiled op"
+
+
+def test_transformer_encoder_first_forward_runs_converted():
+    """nn.TransformerEncoder in eval takes the MHA fast path unless convert turns it off."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(1, 100, 32)
+    conv = nanite_compile.convert(model, budget=0.25, config=tile_cfg())
+    with recording() as rec, torch.no_grad():
+        conv(x)
+    assert len(nanite_compile.report(conv).sites) == 2
+    assert len(rec) == 2, f"the first forward ran the op at {sorted(rec)}"
+
+
+def test_calibration_long_tensor_for_hf_model(llama):
+    cal = ids(96, batch=2, seed=5)
+    conv = nanite_compile.convert(llama, budget=0.25, calibration=cal, config=tile_cfg())
+    rep = nanite_compile.report(conv)
+    assert {s.site for s in rep.sites} == LAYER_PATHS
+    for s in rep.sites:
+        assert s.measured_shape is not None and s.measured_shape[-2] == 96, s.measured_shape
+    assert torch.isfinite(logits(conv, ids(150))).all()
+    # an iterable of 1-D token tensors works too
+    conv = nanite_compile.convert(
+        llama, budget=0.25, calibration=[cal[0], cal[1]], config=tile_cfg()
+    )
+    assert all(s.measured_shape[-2] == 96 for s in nanite_compile.report(conv).sites)
+
+
+@pytest.mark.parametrize("cal", [42, ["a", "b"]], ids=["int", "strings"])
+def test_bad_calibration_is_a_type_error(llama, cal):
+    with pytest.raises(TypeError, match="calibration"):
+        nanite_compile.convert(llama, budget=0.25, calibration=cal)
+
+
+def test_reconverting_a_converted_model(llama, llama_quarter):
+    x = ids(150, seed=7)
+    want = logits(llama, x)
+    conv1 = nanite_compile.convert(llama_quarter, budget=1.0, config=tile_cfg())
+    assert "_nanite_state" in llama_quarter.__dict__
+    assert nanite_compile.report(conv1).config["budget"] == 1.0
+    assert nanite_compile.report(llama_quarter).config["budget"] == 0.25
+    assert {s.site for s in nanite_compile.report(conv1).sites} == LAYER_PATHS
+    assert_rounding_close(
+        logits(conv1, x),
+        want,
+        logits(copy.deepcopy(llama).double(), x),
+        torch.finfo(torch.float32).eps,
+    )
+    for p, q in zip(llama.parameters(), conv1.parameters(), strict=True):
+        assert p.data_ptr() == q.data_ptr()
+
+
+def test_import_does_not_import_triton():
+    code = "import nanite_compile, sys; assert 'triton' not in sys.modules, 'triton imported'"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
