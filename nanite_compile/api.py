@@ -31,12 +31,14 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .backend import NaniteBackend, sites_for
+from .passes.rewrite import ESCAPES
 from .config import NaniteConfig, check_budget
 from .kernels.ops import recording
 from .report import RewriteReport
 
 _UNSET: Any = object()
 _PROBE_TOKENS = 1024
+_MAX_LIFTS = 3  # how many levels up a capture may move to keep attention weights inside
 
 # functions whose caller is an attention candidate
 _ATTENTION_FUNCS = {
@@ -290,33 +292,84 @@ def _wrap_root_fastpath(model: nn.Module) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def _install_at(converted: nn.Module, state: _NaniteState, path: str) -> None:
+    module = converted.get_submodule(path) if path else converted
+    backend = NaniteBackend(state.config, site_prefix=path, inner="eager", register=False)
+    state.backends[path] = backend
+    _install(module, backend)
+    state.installed.append(path)
+
+
+def _uninstall(converted: nn.Module, state: _NaniteState, path: str) -> None:
+    module = converted.get_submodule(path) if path else converted
+    module.__dict__.pop("forward", None)
+    state.installed.remove(path)
+    del state.backends[path]
+
+
+def _parent(path: str) -> str | None:
+    if not path:
+        return None
+    return path.rpartition(".")[0]
+
+
 def _capture(converted: nn.Module, state: _NaniteState, args: tuple, kwargs: dict) -> None:
+    """Discover attention owners on ``args``, capture them, and settle where to capture.
+
+    A module that hands its attention weights to its caller (Hugging Face eager
+    attention returns ``(output, weights)``) cannot be rewritten on its own:
+    the weights escape. A caller up the chain usually drops them, so such a
+    module's capture moves up (at most ``_MAX_LIFTS`` levels) to where the
+    escape check sees them unused.
+    """
     owners = _discover(converted, args, kwargs)
     paths = {id(m): n for n, m in converted.named_modules()}
     for owner in owners:
-        path = paths.get(id(owner), "")
-        backend = NaniteBackend(state.config, site_prefix=path, inner="eager")
-        state.backends[path] = backend
-        _install(owner, backend)
-        state.installed.append(path)
-    if any(isinstance(m, nn.MultiheadAttention) for m in owners) and converted not in owners:
+        _install_at(converted, state, paths.get(id(owner), ""))
+    if any(isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer)) for m in owners):
         _wrap_root_fastpath(converted)
+    for _ in range(_MAX_LIFTS + 1):
+        with torch.no_grad():
+            converted(*args, **kwargs)  # compiles every newly captured module
+        moved = False
+        for path in list(state.installed):
+            backend = state.backends[path]
+            if not backend.sites:  # a softmax that is no attention: give the module back
+                _uninstall(converted, state, path)
+                continue
+            escaped = any(s.status == "skipped" and ESCAPES in s.reason for s in backend.sites)
+            parent = _parent(path)
+            if escaped and parent is not None and parent not in state.installed:
+                _uninstall(converted, state, path)
+                _install_at(converted, state, parent)
+                moved = True
+        if not moved:
+            break
 
 
 def _measure(converted: nn.Module, state: _NaniteState, args: tuple, kwargs: dict) -> None:
     with torch.no_grad(), recording(measure_error=True) as rec:
         converted(*args, **kwargs)
     state.records = rec
-    mods = dict(converted.named_modules())
-    for path in list(state.installed):
-        backend = state.backends[path]
-        if not backend.sites:  # a softmax that is no attention: give the module back
-            del mods[path].__dict__["forward"]
-            state.installed.remove(path)
-            del state.backends[path]
-            continue
-        for site in backend.sites:
+    for path in state.installed:
+        for site in state.backends[path].sites:
             site.absorb(rec.get(site.site, []))
+
+
+def _capture_on_first_call(converted: nn.Module, state: _NaniteState) -> None:
+    """Without a probe input, capture on the first forward (before it runs)."""
+    fwd = converted.forward
+    fn = fwd.__func__ if isinstance(fwd, types.MethodType) else type(converted).forward
+
+    def forward(self, *args, **kwargs):
+        self.__dict__.pop("forward", None)
+        state.pending = False
+        state.notes.clear()
+        _capture(self, state, args, kwargs)
+        return self.forward(*args, **kwargs)
+
+    forward.__wrapped__ = fn
+    converted.forward = types.MethodType(forward, converted)
 
 
 def convert(
@@ -358,15 +411,7 @@ def convert(
     if probe is None:
         state.pending = True
         state.notes.append("no probe input: attention sites are found at the first forward")
-        handle = None
-
-        def first_call(mod, args, kwargs):
-            handle.remove()
-            state.pending = False
-            state.notes.clear()
-            _capture(mod, state, args, kwargs)
-
-        handle = converted.register_forward_pre_hook(first_call, with_kwargs=True)
+        _capture_on_first_call(converted, state)
         return converted
     was_training = converted.training
     _capture(converted, state, *probe)

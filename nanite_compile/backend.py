@@ -10,6 +10,7 @@ goes on to inductor, or runs as captured with ``inner="eager"``.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 import weakref
 
 import torch
@@ -25,6 +26,11 @@ _LOCK = threading.Lock()
 _BY_TENSOR: dict[int, list[list]] = {}
 
 
+# (parameter shapes, sites) of recent graphs, for modules whose graph Dynamo reused
+_GRAPHS: list[tuple[Counter, list]] = []
+_KEEP_GRAPHS = 256
+
+
 def _forget(key: int) -> None:
     with _LOCK:
         _BY_TENSOR.pop(key, None)
@@ -38,10 +44,14 @@ class NaniteBackend:
         site_prefix: module path prepended to site names (used by ``convert``).
         plans: per-site tile parameter overrides.
         inner: overrides ``config.inner``.
+        register: make the sites findable by ``nanite_compile.report`` of the
+            compiled model (``convert`` keeps its own record and passes False).
     """
 
     def __init__(self, config: NaniteConfig | None = None, *, site_prefix: str = "",
-                 plans: dict | None = None, inner: str | None = None) -> None:
+                 plans: dict | None = None, inner: str | None = None,
+                 register: bool = True) -> None:
+        self.register = register
         self.config = config or NaniteConfig()
         self.site_prefix = site_prefix
         self.plans = dict(plans or {})
@@ -78,8 +88,14 @@ class NaniteBackend:
         self.sites.extend(s for s in ctx.sites if s.site not in known)
         for k, v in ctx.counters.items():
             self.counters[k] = self.counters.get(k, 0) + v
+        if not self.register:
+            return
         graph_sites = list(ctx.sites)
+        shapes = Counter(tuple(t.shape) for t in example_inputs
+                         if isinstance(t, torch.nn.Parameter))
         with _LOCK:
+            _GRAPHS.append((shapes, graph_sites))
+            del _GRAPHS[:-_KEEP_GRAPHS]
             for t in example_inputs:
                 if isinstance(t, torch.nn.Parameter):
                     key = id(t)
@@ -89,17 +105,28 @@ class NaniteBackend:
 
 
 def sites_for(module: torch.nn.Module) -> list:
-    """Sites of the graphs compiled by the nanite backend that use ``module``'s parameters."""
-    found: list = []
+    """Sites of the graphs compiled by the nanite backend for ``module``.
+
+    Graphs are found through ``module``'s parameters. Dynamo reuses a graph
+    for a second instance of the same architecture without calling the
+    backend again; for such a module the graphs whose parameters match its
+    parameter shapes stand in. One entry per site name (the latest).
+    """
+    found: dict = {}
     seen: set[int] = set()
+    params = list(module.parameters())
     with _LOCK:
-        for p in module.parameters():
+        for p in params:
             for graph_sites in _BY_TENSOR.get(id(p), []):
-                if id(graph_sites) in seen:
-                    continue
-                seen.add(id(graph_sites))
-                found.extend(graph_sites)
-    return found
+                if id(graph_sites) not in seen:
+                    seen.add(id(graph_sites))
+                    found.update((s.site, s) for s in graph_sites)
+        if not found and params:
+            have = Counter(tuple(p.shape) for p in params)
+            for shapes, graph_sites in _GRAPHS:
+                if shapes and not (shapes - have):
+                    found.update((s.site, s) for s in graph_sites)
+    return list(found.values())
 
 
 def nanite_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):

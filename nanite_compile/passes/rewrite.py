@@ -21,6 +21,10 @@ from ..report import SiteReport
 from .base import AttentionMatch, PassContext, node_shape
 
 
+# the reason of a site whose intermediates (attention weights) leave the chain
+ESCAPES = "used elsewhere"
+
+
 def graph_to_nx(graph: fx.Graph) -> nx.DiGraph:
     g = nx.DiGraph()
     for node in graph.nodes:
@@ -46,7 +50,7 @@ def check_chain(m: AttentionMatch, g: nx.DiGraph) -> str | None:
     esc = escaping_nodes(m)
     if esc:
         names = ", ".join(n.name for n in esc[:3])
-        return f"intermediate result(s) {names} of the attention are used elsewhere"
+        return f"intermediate result(s) {names} of the attention are {ESCAPES}"
     inside = set(m.interior) | {m.output}
     for inp in (m.q, m.k, m.v, m.mask):
         if isinstance(inp, fx.Node) and inp in g and any(a in inside for a in nx.ancestors(g, inp) | {inp}):
