@@ -37,7 +37,8 @@ from .kernels.ops import recording
 from .report import RewriteReport
 
 _UNSET: Any = object()
-_PROBE_TOKENS = 1024
+_PROBE_TOKENS = 1024  # the probe that measures each site
+_CAPTURE_TOKENS = 160  # the probe that finds and captures the sites
 _MAX_LIFTS = 3  # how many levels up a capture may move to keep attention weights inside
 
 # functions whose caller is an attention candidate
@@ -146,6 +147,19 @@ def _probe_inputs(model: nn.Module, calibration: Any) -> tuple[tuple, dict] | No
         g = torch.Generator().manual_seed(0)
         return (), {"pixel_values": torch.randn(1, ch, size, size, generator=g).to(dev)}
     return None
+
+
+def _shortened(probe: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """The probe cut to ``_CAPTURE_TOKENS`` tokens for discovery and capture.
+
+    Shapes are captured dynamic, so the short probe compiles the same graphs as
+    the long one at a fraction of the forward cost; the long probe then measures.
+    """
+    args, kwargs = probe
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > _CAPTURE_TOKENS:
+        kwargs = dict(kwargs, input_ids=ids[:, :_CAPTURE_TOKENS])
+    return args, kwargs
 
 
 class _Discover(TorchFunctionMode):
@@ -414,7 +428,7 @@ def convert(
         _capture_on_first_call(converted, state)
         return converted
     was_training = converted.training
-    _capture(converted, state, *probe)
+    _capture(converted, state, *_shortened(probe))
     _measure(converted, state, *probe)
     converted.train(was_training)
     return converted
