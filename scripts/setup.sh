@@ -32,5 +32,11 @@ fi
 # torch is pinned (==2.13.0) in pyproject.toml; pip keeps an installed CPU build
 # that satisfies the pin.
 .venv/bin/python -m pip install -e '.[hf,dev]'
+# mamba-ssm's pure-PyTorch SSD reference (ssd_minimal.py) is what the state path's
+# tests compare against; its CUDA parts cannot build here and are skipped.
+if ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('mamba_ssm')" 2>/dev/null; then
+  MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
+    .venv/bin/python -m pip install --no-build-isolation 'mamba-ssm==2.3.2.post1'
+fi
 echo "$want" > "$stamp"
 echo "setup: done"
