@@ -3,6 +3,8 @@ level-of-detail attention under a compute budget.
 
     converted = nanite_compile.convert(model, budget=0.25)
     print(nanite_compile.report(converted))
+    nanite_compile.save(converted, "out/")            # JSON + safetensors, no pickle
+    converted = nanite_compile.load("out/", model)   # checked against the model
 
 or ``torch.compile(model, backend="nanite", options={"budget": 0.25})``.
 Importing this package imports neither Triton nor CUDA.
@@ -10,7 +12,17 @@ Importing this package imports neither Triton nor CUDA.
 
 from .api import convert, report
 from .config import NaniteConfig
+from .io import NaniteLoadError, load, save
 from .report import RewriteReport, SiteReport
 
-__all__ = ["convert", "report", "NaniteConfig", "RewriteReport", "SiteReport"]
+__all__ = [
+    "convert",
+    "report",
+    "save",
+    "load",
+    "NaniteConfig",
+    "NaniteLoadError",
+    "RewriteReport",
+    "SiteReport",
+]
 __version__ = "0.1.0"

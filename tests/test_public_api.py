@@ -6,7 +6,16 @@ import inspect
 
 import nanite_compile
 
-PUBLIC = ["convert", "report", "NaniteConfig", "RewriteReport", "SiteReport"]
+PUBLIC = [
+    "convert",
+    "report",
+    "save",
+    "load",
+    "NaniteConfig",
+    "NaniteLoadError",
+    "RewriteReport",
+    "SiteReport",
+]
 
 
 def test_all_is_pinned():
@@ -28,6 +37,15 @@ def test_convert_signature():
 
 def test_report_signature():
     assert list(inspect.signature(nanite_compile.report).parameters) == ["model"]
+
+
+def test_save_load_signatures():
+    params = inspect.signature(nanite_compile.save).parameters
+    assert list(params)[:2] == ["converted", "directory"]
+    params = inspect.signature(nanite_compile.load).parameters
+    assert list(params)[:2] == ["directory", "model"]
+    assert params["calibration"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert issubclass(nanite_compile.NaniteLoadError, ValueError)
 
 
 def test_public_names_are_documented():
