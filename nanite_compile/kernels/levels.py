@@ -70,8 +70,9 @@ def _allowance(orig: torch.Tensor, fixed: torch.Tensor, budget: float) -> torch.
     """Per-row key-read allowance ``max(fixed_j, min(c, orig_j))``.
 
     ``c`` is the largest common cap with ``sum_j allowance_j <= budget * sum_j orig_j``:
-    rows whose mandatory part (near field, anchors) already costs more spend
-    that, and the rest share what is left evenly per query.
+    rows whose mandatory part (near field, anchors, and the cheapest view of the
+    other tiles) already costs more spend that, and the rest share what is left
+    evenly per query.
     """
     target = budget * float(orig.sum())
     lo, hi = 0.0, float(orig.max())
@@ -136,21 +137,26 @@ def build_levels(
     exact_reads = vis.sum(-1).to(torch.float64) * T  # [B, 1, mq]: the original cost
     fixed_reads = (fixed[None, None] & tile_valid[:, None, None, :]).sum(-1).to(torch.float64) * T
     n_mid = mid.sum(-1).to(torch.float64)
+    use_state = params.state_features > 0 and window is None
+    F = float(params.state_features) if use_state else 0.0
+    # the cheapest view of a row's middle tiles: one summary each, or the state alone
+    min_mid = torch.minimum(n_mid, torch.full_like(n_mid, F)) if use_state else n_mid
     if params.budget_reads is not None:
         allow = exact_reads.clamp(max=float(params.budget_reads))
     elif params.budget >= 1.0:
         return levels
     else:
-        allow = _allowance(exact_reads, fixed_reads, params.budget)
+        allow = _allowance(exact_reads, fixed_reads + min_mid, params.budget)
     rem = allow - fixed_reads  # reads left for middle tiles, [B, 1, mq]
     if bool((rem >= n_mid * T).all()):
         return levels  # the budget covers every tile exactly
 
-    # how many of the nearest middle tiles stay visible; older ones fold into the state
-    use_state = params.state_features > 0 and window is None
-    F = float(params.state_features) if use_state else 0.0
-    afford = torch.where(rem >= n_mid * T, n_mid, (rem - F).clamp_min(0.0).floor())
-    keep = torch.minimum(afford, n_mid) if use_state else n_mid
+    # how many of the nearest middle tiles stay visible: all of them while one summary
+    # per tile fits; otherwise (and if the state is the cheaper view) the oldest fold
+    # into the state and what is left after its F reads keeps the nearest ones
+    fold = (rem < n_mid) & (n_mid > F) if use_state else torch.zeros_like(rem, dtype=torch.bool)
+    afford = (rem - F).clamp_min(0.0).floor()
+    keep = torch.where(fold, torch.minimum(afford, n_mid), n_mid)
     if params.horizon is not None:
         keep = keep.clamp(max=float(params.horizon))
     # rank middle tiles by distance: nearest first

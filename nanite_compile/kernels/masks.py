@@ -123,6 +123,10 @@ def read_mask(mask: torch.Tensor, nq: int, nk: int, batch: int) -> MaskStructure
                 window = int(reach)
     expect = structured_allowed(nq, nk, causal, window, key_valid, mask.device)
     bad = (allowed != expect).any(dim=-1)  # [B, Nq]
+    if mask.is_floating_point() and bool((torch.isfinite(mask) & (mask <= BLOCKED_BELOW)).any()):
+        # a row whose every key is blocked by a finite value is no empty row to SDPA: the
+        # logits vanish next to the mask and it averages all values; exact rows do that
+        bad = bad | ~allowed.any(dim=-1)
     all_valid = bool(key_valid.all())
     return MaskStructure(
         causal=causal,
