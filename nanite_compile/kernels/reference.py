@@ -381,10 +381,12 @@ def tiled_attention(
 
 
 def _exact_reads(nq: int, nk: int, causal: bool, window: int | None, valid: torch.Tensor) -> float:
-    qpos = torch.arange(nk - nq, nk, device=valid.device, dtype=torch.float64)
-    n = qpos + 1 if causal else torch.full_like(qpos, float(nk))
-    if window is not None:
-        n = n.clamp(max=float(window))
+    """Keys the original attention reads per query (padding keys excluded), averaged."""
+    qpos = torch.arange(nk - nq, nk, device=valid.device)
+    cum = torch.nn.functional.pad(valid.to(torch.float64).cumsum(-1), (1, 0))  # [B, Nk+1]
+    hi = qpos + 1 if causal else torch.full_like(qpos, nk)
+    lo = (hi - window).clamp_min(0) if window is not None else torch.zeros_like(hi)
+    n = cum[:, hi] - cum[:, lo]  # [B, Nq]
     return float(n.mean())
 
 
