@@ -2,8 +2,8 @@
 # Install nanite_compile (editable) with its Hugging Face and dev extras into ./.venv.
 #
 # Idempotent: creates .venv only when it is missing, and skips pip entirely when
-# the installed package was set up from the same pyproject.toml (a hash is kept
-# in .venv/.nanite-setup), so a second run takes well under a second.
+# the installed package was set up from the same pyproject.toml and this script
+# (a hash is kept in .venv/.nanite-setup), so a second run takes well under a second.
 # PYTHON picks the interpreter that creates the venv (default: python3, >= 3.10).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,6 +18,7 @@ stamp=.venv/.nanite-setup
 want=$(.venv/bin/python - <<'PY'
 import hashlib, pathlib, sys
 h = hashlib.sha256(pathlib.Path("pyproject.toml").read_bytes())
+h.update(pathlib.Path("scripts/setup.sh").read_bytes())
 h.update(str(pathlib.Path.cwd().resolve()).encode())
 h.update(sys.version.encode())
 print(h.hexdigest())
