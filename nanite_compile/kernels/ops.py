@@ -7,7 +7,9 @@ converted model still works with torch.compile, torch.export and autograd.
 Run-time recording: inside ``recording(...)`` every call reports, per site,
 which path ran (tiled or exact, and why), the key reads per query against the
 original's, and, when asked, the relative error against exact attention on
-the same inputs. ``convert`` uses it on its probe run to fill the report.
+the same inputs or the level table of the first batch element (``[Hkv, mq,
+mk]`` int8, on the CPU, for pictures of the plan). ``convert`` uses it on its
+probe run to fill the report.
 """
 
 from __future__ import annotations
@@ -28,11 +30,19 @@ _RECORDER: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
 _MEASURE_ERROR: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "nanite_measure_error", default=False
 )
+_RECORD_LEVELS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "nanite_record_levels", default=False
+)
 
 
 @contextlib.contextmanager
-def recording(measure_error: bool = False) -> Iterator[dict]:
+def recording(measure_error: bool = False, levels: bool = False) -> Iterator[dict]:
     """Collect per-site run-time records of every op call in the block.
+
+    Args:
+        measure_error: add ``rel_error`` against exact attention (an exact pass more).
+        levels: add ``levels``, the level table of the first batch element,
+            ``[Hkv, mq, mk]`` int8 on the CPU, when the tiled path ran.
 
     Yields:
         A dict ``site -> list of records`` filled as the op runs.
@@ -40,11 +50,13 @@ def recording(measure_error: bool = False) -> Iterator[dict]:
     store: dict = {}
     t1 = _RECORDER.set(store)
     t2 = _MEASURE_ERROR.set(measure_error)
+    t3 = _RECORD_LEVELS.set(levels)
     try:
         yield store
     finally:
         _RECORDER.reset(t1)
         _MEASURE_ERROR.reset(t2)
+        _RECORD_LEVELS.reset(t3)
 
 
 def _params(tile, window, anchors, horizon, budget, budget_reads, state_features) -> TileParams:
@@ -115,6 +127,8 @@ def tiled_attention(
             ref = exact_attention(q, k, v, attn_mask, scale, is_causal).float()
             err = (out.float() - ref).norm() / ref.norm().clamp_min(1e-30)
             rec["rel_error"] = float(err)
+        if _RECORD_LEVELS.get() and stats.get("levels") is not None:
+            rec["levels"] = stats["levels"][0].detach().to("cpu", copy=True)
         store.setdefault(site, []).append(rec)
     return out
 
