@@ -141,13 +141,6 @@ def _(q, k, v, attn_mask, scale, is_causal, tile, window, anchors, horizon, budg
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask = inputs[:4]
-    ctx.save_for_backward(q, k, v, attn_mask if attn_mask is not None else q.new_empty(0))
-    ctx.has_mask = attn_mask is not None
-    ctx.rest = inputs[4:]
-
-
 @torch.library.custom_op("nanite::tiled_attention_backward", mutates_args=(), device_types=None)
 def tiled_attention_backward(
     grad: torch.Tensor,
