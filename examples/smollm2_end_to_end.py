@@ -6,9 +6,10 @@
 
 Steps: load SmolLM2-135M-Instruct from the GGUF file that scripts/fetch_assets.sh
 extracted (float32, CPU); take the first ``--tokens`` tokens of the GPL-3 text
-(or of a Shakespeare play, ``--text hamlet``); measure the original's perplexity
-and forward time; ``nanite_compile.convert(model, budget=...)``; print the rewrite
-report; measure the converted model the same way; print a before/after table.
+(or of a Shakespeare play, ``--text hamlet``); measure the original's perplexity;
+``nanite_compile.convert(model, budget=...)``; print the rewrite report; measure
+the converted model's perplexity; time the forward pass of both, alternating
+between them; print a before/after table.
 
 Reference: the original's perplexity on the first 2048 GPL-3 tokens is 19.66.
 """
@@ -27,7 +28,7 @@ from tabulate import tabulate
 import nanite_compile
 from nanite_compile import data
 from nanite_compile.config import check_budget
-from nanite_compile.evaluate import perplexity, time_forward
+from nanite_compile.evaluate import perplexity, time_forwards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,12 +85,6 @@ def ranges_for(n: int) -> list[tuple[int, int]]:
     return [(s, min(s + 2048, n)) for s in range(0, n, 2048)]
 
 
-def measure(model: torch.nn.Module, ids: torch.Tensor, ranges, repeat: int) -> dict:
-    ppl = perplexity(model, ids, ranges=ranges)
-    timing = time_forward(model, ids, repeat=repeat, warmup=1)
-    return {"perplexity": ppl.to_dict(), "forward": timing.to_dict()}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -123,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         f"text: first {args.tokens} tokens of {args.text}; {torch.get_num_threads()} CPU threads\n"
     )
 
-    print("original: perplexity and forward time ...", flush=True)
-    before = measure(model, ids, ranges, args.repeat)
+    print("original: perplexity ...", flush=True)
+    ppl_before = perplexity(model, ids, ranges=ranges)
+    print(f"original: perplexity {ppl_before.ppl:.3f}", flush=True)
 
     print(f"converting with budget={args.budget} ...", flush=True)
     t0 = time.perf_counter()
@@ -135,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     print(rep)
     print()
 
-    print("converted: perplexity and forward time ...", flush=True)
-    after = measure(converted, ids, ranges, args.repeat)
+    print("converted: perplexity ...", flush=True)
+    ppl_after = perplexity(converted, ids, ranges=ranges)
+    print(f"converted: perplexity {ppl_after.ppl:.3f}", flush=True)
+
+    # Timed alternately, so a change of machine load hits both models alike.
+    print(f"forward time: {args.repeat} rounds of original and converted, alternating ...")
+    times = time_forwards({"original": model, "converted": converted}, ids, repeat=args.repeat)
+    before = {"perplexity": ppl_before.to_dict(), "forward": times["original"].to_dict()}
+    after = {"perplexity": ppl_after.to_dict(), "forward": times["converted"].to_dict()}
     results.update(before=before, after=after, report=json.loads(rep.to_json()))
 
     print()

@@ -7,7 +7,8 @@ Pure PyTorch: the model only has to map ``input_ids`` ``[B, N]`` to logits
 - :func:`perplexity`: perplexity of the next-token predictions of one forward,
   overall and per range of token positions (e.g. the first and second 2k
   tokens, to see how quality holds up far from the start).
-- :func:`time_forward`: wall-clock time of the forward pass.
+- :func:`time_forward`, :func:`time_forwards`: wall-clock time of the forward
+  pass, of one model or of several measured alternately.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import inspect
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -241,19 +242,41 @@ def time_forward(
     Raises:
         ValueError: ``repeat < 1`` or ``warmup < 0``.
     """
+    return time_forwards({"model": model}, input_ids, repeat=repeat, warmup=warmup)["model"]
+
+
+def time_forwards(
+    models: Mapping[str, nn.Module], input_ids: torch.Tensor, repeat: int = 3, warmup: int = 1
+) -> dict[str, Timing]:
+    """Time several models on the same input, alternating between them.
+
+    Each round runs every model once, so a change in machine load during the
+    measurement (other processes, frequency scaling) affects all of them alike
+    and their ratio stays meaningful. ``warmup`` rounds come first, untimed.
+
+    Returns:
+        ``{name: Timing}`` in the order of ``models``.
+
+    Raises:
+        ValueError: ``repeat < 1``, ``warmup < 0`` or no models.
+    """
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if not models:
+        raise ValueError("time_forwards needs at least one model")
     input_ids = _check_input_ids(input_ids)
     sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
     for _ in range(warmup):
-        logits_of(model, input_ids)
+        for model in models.values():
+            logits_of(model, input_ids)
     sync()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        logits_of(model, input_ids)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return Timing(times)
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            logits_of(model, input_ids)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: Timing(t) for name, t in times.items()}

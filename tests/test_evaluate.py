@@ -12,6 +12,7 @@ from nanite_compile.evaluate import (
     logits_of,
     perplexity,
     time_forward,
+    time_forwards,
     token_nll,
 )
 
@@ -163,6 +164,28 @@ def test_time_forward(model, ids):
     assert len(t.times_s) == 3 and all(x > 0 for x in t.times_s)
     assert t.min_s <= t.median_s
     assert set(t.to_dict()) == {"median_s", "min_s", "times_s"}
+
+
+def test_time_forwards_alternates_models(ids):
+    calls = []
+
+    class Logged(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return torch.zeros(*x.shape, VOCAB)
+
+    t = time_forwards({"a": Logged("a"), "b": Logged("b")}, ids, repeat=2, warmup=1)
+    assert calls == ["a", "b"] * 3  # one warm-up round, then two timed rounds
+    assert list(t) == ["a", "b"] and all(len(x.times_s) == 2 for x in t.values())
+
+
+def test_time_forwards_needs_a_model(ids):
+    with pytest.raises(ValueError, match="at least one model"):
+        time_forwards({}, ids)
 
 
 @pytest.mark.parametrize("kw", [{"repeat": 0}, {"repeat": 1.5}, {"warmup": -1}])
