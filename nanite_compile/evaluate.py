@@ -170,7 +170,7 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, chunk: int = 1024) 
         ``[B, N - 1]``: entry ``t - 1`` is the NLL of token ``t``.
     """
     b, n, v = logits.shape
-    targets = input_ids[:, 1:].reshape(-1)
+    targets = input_ids[:, 1:].reshape(-1).long()
     flat = logits[:, :-1].reshape(-1, v)
     parts = [
         torch.nn.functional.cross_entropy(

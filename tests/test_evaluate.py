@@ -65,6 +65,10 @@ def test_one_dim_input_is_one_sequence(model, ids):
     assert perplexity(model, ids[0]).ppl == pytest.approx(perplexity(model, ids[:1]).ppl, rel=1e-9)
 
 
+def test_int32_token_ids(model, ids):
+    assert perplexity(model, ids.int()).nll == pytest.approx(perplexity(model, ids).nll, rel=1e-9)
+
+
 def test_ranges_partition_the_tokens(model, ids):
     ref = reference_nll(model, ids)
     res = perplexity(model, ids, ranges=[(0, 16), (16, 40), (40, N)])
