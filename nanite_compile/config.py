@@ -145,7 +145,11 @@ class NaniteConfig:
 
     @classmethod
     def from_json(cls, text: str) -> NaniteConfig:
-        data = json.loads(text)
+        """Read what `to_json` wrote; errors are ValueError/TypeError naming the problem."""
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("not a NaniteConfig JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise ValueError("a NaniteConfig JSON must be an object of options")
         return cls.from_options(data)

@@ -250,6 +250,10 @@ def _parse_json(path: Path) -> dict:
         raise NaniteLoadError(f"{path} is not UTF-8 text (damaged?); {_RESAVE}") from None
     try:
         header = json.loads(text)
+    except RecursionError:
+        raise NaniteLoadError(
+            f"{path} is not a nanite header (JSON nested too deeply); {_RESAVE}"
+        ) from None
     except json.JSONDecodeError as e:
         where = "it ends early (truncated)" if e.pos >= len(text.rstrip()) else f"at {e.msg}"
         raise NaniteLoadError(
@@ -308,7 +312,7 @@ def _check_safetensors_layout(path: Path, data: bytes) -> None:
         )
     try:
         meta = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise NaniteLoadError(f"{path} has a damaged safetensors header; {_RESAVE}") from None
     if not isinstance(meta, dict):
         raise NaniteLoadError(f"{path} has a damaged safetensors header; {_RESAVE}")

@@ -59,10 +59,27 @@ class SiteReport:
 
     @classmethod
     def from_dict(cls, d: dict) -> SiteReport:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        """A site from its ``to_dict`` form; every field's type is checked.
+
+        Raises:
+            TypeError: ``d`` is not a dict, or a field has the wrong type.
+            ValueError: unknown or missing fields, or a status other than
+                ``rewritten``/``skipped``.
+        """
+        if not isinstance(d, dict):
+            raise TypeError(f"a site report must be a JSON object, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown:
-            raise ValueError(f"unknown site report fields {sorted(unknown)}")
+            raise ValueError(f"unknown site report fields {sorted(map(str, unknown))}")
+        missing = [n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]  # fmt: skip
+        if missing:
+            raise ValueError(f"site report lacks the fields {missing}")
+        for name, value in d.items():
+            _check_site_field(name, value)
+        if d["status"] not in ("rewritten", "skipped"):
+            raise ValueError(f"site status must be 'rewritten' or 'skipped', got {d['status']!r}")
         return cls(**d)
 
     def absorb(self, records: list[dict]) -> None:
@@ -134,17 +151,36 @@ class RewriteReport:
 
     @classmethod
     def from_json(cls, text: str) -> RewriteReport:
-        data = json.loads(text)
+        """Read what `to_json` wrote.
+
+        Raises:
+            ValueError: not JSON, not a report of this version, missing entries.
+            TypeError: an entry of the wrong type.
+        """
+        data = _loads(text, "a nanite_compile report")
         if not isinstance(data, dict) or data.get("version") != _REPORT_VERSION:
             raise ValueError(
                 f"not a nanite_compile report (version {_REPORT_VERSION} expected); "
                 "write it with RewriteReport.to_json()"
             )
+        missing = [k for k in ("model", "config", "sites") if k not in data]
+        if missing:
+            raise ValueError(f"the report lacks {missing}; write it with RewriteReport.to_json()")
+        model, config, sites = data["model"], data["config"], data["sites"]
+        notes = data.get("notes", [])
+        if not isinstance(model, str):
+            raise TypeError(f"report 'model' must be a string, got {type(model).__name__}")
+        if not isinstance(config, dict):
+            raise TypeError(f"report 'config' must be an object, got {type(config).__name__}")
+        if not isinstance(sites, list):
+            raise TypeError(f"report 'sites' must be a list, got {type(sites).__name__}")
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise TypeError("report 'notes' must be a list of strings")
         return cls(
-            model=str(data["model"]),
-            config=dict(data["config"]),
-            sites=[SiteReport.from_dict(s) for s in data["sites"]],
-            notes=[str(n) for n in data.get("notes", [])],
+            model=model,
+            config=dict(config),
+            sites=[SiteReport.from_dict(s) for s in sites],
+            notes=list(notes),
         )
 
     def __str__(self) -> str:
@@ -154,6 +190,52 @@ class RewriteReport:
         s = self.summary()
         return (f"RewriteReport(model={self.model!r}, sites={s['sites']}, "
                 f"rewritten={s['rewritten']}, skipped={s['skipped']})")
+
+
+def _loads(text: Any, what: str) -> Any:
+    """``json.loads`` whose failures are all ValueError/TypeError with a message."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"not {what}: JSON nested too deeply") from None
+
+
+_STR_FIELDS = {"site", "module_path", "pattern", "mask_kind", "status", "reason",
+               "runtime_reason", "runtime_mask"}  # fmt: skip
+_OPT_STR_FIELDS = {"runtime_path"}
+_SHAPE_FIELDS = {"q_shape", "k_shape", "measured_shape"}
+_NUMBER_FIELDS = {"reads_per_query", "exact_reads_per_query", "flops_before", "flops_after",
+                  "rel_error"}  # fmt: skip
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_site_field(name: str, value: Any) -> None:
+    if name in _STR_FIELDS:
+        ok = isinstance(value, str)
+        want = "a string"
+    elif name in _OPT_STR_FIELDS:
+        ok = value is None or isinstance(value, str)
+        want = "a string or null"
+    elif name in _SHAPE_FIELDS:
+        ok = value is None or (
+            isinstance(value, list)
+            and all(
+                isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool))
+                for x in value
+            )
+        )
+        want = "a list of sizes (ints, or strings for symbolic sizes) or null"
+    elif name in _NUMBER_FIELDS:
+        ok = value is None or _is_number(value)
+        want = "a number or null"
+    else:  # plan
+        ok = isinstance(value, dict)
+        want = "an object"
+    if not ok:
+        raise TypeError(f"site report field {name!r} must be {want}, got {value!r:.80}")
 
 
 def _fmt(x: Any, spec: str) -> str:

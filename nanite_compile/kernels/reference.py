@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .levels import EXACT, NONE, STATE, TileParams, build_levels, tile_density
-from .masks import read_mask
+from .masks import BLOCKED_BELOW, read_mask
 
 __all__ = [
     "exact_attention",
@@ -332,6 +332,11 @@ def tiled_attention(
         causal, window, key_valid, bad_rows = st.causal, st.window, st.key_valid, st.bad_rows
         if stats is not None:
             stats["mask"] = st.describe()
+        soft = _weakest_finite_block(attn_mask)
+        if soft is not None and soft + 2.0 * _logit_bound(q, k, scale) > _NEGLIGIBLE_LOG:
+            # SDPA adds the mask: a finite "blocked" value that does not outweigh the
+            # logits (-1e4 next to logits of 1e4) still lets weight through
+            return exact("finite mask values do not outweigh logits of this size")
         if bad_rows is not None and float(bad_rows.float().mean()) > 0.25:
             return exact("mask structure reproduces too few rows")
     elif stats is not None:
@@ -378,6 +383,29 @@ def tiled_attention(
         stats["reads_per_query"] = float(level_reads(levels, T, params.state_features).mean())
         stats["exact_reads_per_query"] = _exact_reads(nq, nk, causal, window, valid)
     return out
+
+
+# exp(-20) ~ 2e-9: a key this far below the row's largest logit is lost in fp32 rounding
+_NEGLIGIBLE_LOG = -20.0
+
+
+def _weakest_finite_block(mask: torch.Tensor) -> float | None:
+    """The largest finite entry of an additive mask that ``read_mask`` reads as blocked."""
+    if not mask.is_floating_point():
+        return None
+    blocked = torch.isfinite(mask) & (mask <= BLOCKED_BELOW)
+    if not bool(blocked.any()):
+        return None
+    return float(mask[blocked].amax())
+
+
+def _logit_bound(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
+    """An upper bound on ``|scale q.k|`` over all pairs (Cauchy-Schwarz on the largest norms)."""
+    if q.numel() == 0 or k.numel() == 0:
+        return 0.0
+    qn = q.detach().float().norm(dim=-1).amax()
+    kn = k.detach().float().norm(dim=-1).amax()
+    return float(qn * kn) * abs(float(scale))
 
 
 def _exact_reads(nq: int, nk: int, causal: bool, window: int | None, valid: torch.Tensor) -> float:

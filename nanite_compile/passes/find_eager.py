@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .base import AttentionMatch, PassContext, module_path, node_shape, node_value
@@ -130,6 +131,19 @@ _FUNCTIONS: dict[Any, tuple[str, tuple[str, ...]]] = {
 }
 for _f in (torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge):
     _FUNCTIONS[_f] = ("compare", ("input", "other"))
+
+# ``scores /= s``, ``scores += mask`` (Falcon, ...): Dynamo records the augmented
+# assignment as the in-place operator, whose result later code reads. Inside a
+# rewritten chain the mutated tensor is private to the chain (every use of an
+# interior node is checked to be interior), so the operator becomes its pure form.
+_INPLACE_TO_PURE = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+for _f, _pure in _INPLACE_TO_PURE.items():
+    _FUNCTIONS[_f] = _FUNCTIONS[_pure]
 
 _METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "matmul": ("matmul", ("input", "other")),
@@ -499,6 +513,17 @@ def _mask_values_ok(t: torch.Tensor) -> bool:
     return bool(((t == 0) | (t <= _BLOCKED_BELOW)).all())
 
 
+def _input_holds_bias(x: fx.Node) -> bool:
+    """A floating graph input whose captured value holds entries other than 0 and blocking
+    ones: a bias the caller computed (T5's relative position bias handed from layer to
+    layer, ALiBi folded into the mask), not a mask. Masks stay inputs read at run time."""
+    t = _attr_tensor(x)
+    if t is None or not t.is_floating_point() or t.numel() == 0 or is_fake(t):
+        return False
+    with torch.no_grad():
+        return not _mask_values_ok(t)
+
+
 def _not_a_mask(x: Any, depth: int = 0) -> fx.Node | str | None:
     """None if ``x`` is provably an additive mask (entries 0 or blocking), else the culprit.
 
@@ -512,6 +537,8 @@ def _not_a_mask(x: Any, depth: int = 0) -> fx.Node | str | None:
     if x.op in ("placeholder", "get_attr"):
         kind = _state_kind(x)
         if kind == "input":
+            if _input_holds_bias(x):
+                return x
             return None  # handed in by the caller: the op reads it at run time
         if kind == "buffer":
             t = _attr_tensor(x)
@@ -651,6 +678,11 @@ def _bias_reason(term: Any) -> str | None:
     bad = _not_a_mask(term)
     if bad is None:
         return None
+    if isinstance(bad, fx.Node) and bad.op == "placeholder" and _state_kind(bad) == "input":
+        return (
+            f"additive score bias handed in by the caller ({bad.name} holds values other than "
+            "0 and -inf, e.g. a relative position bias): not provably a mask"
+        )
     if isinstance(term, fx.Node) and _has_parameter_ancestor(term):
         return (
             "additive score bias derived from parameters or buffers (ALiBi/relative "
@@ -883,6 +915,16 @@ def _pv_einsum(eq: str, p: fx.Node, v: fx.Node) -> tuple | None:
     return v_perm, canon_eq, out_perm
 
 
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    sa, sb = node_shape(a), node_shape(b)
+    return (
+        sa is not None
+        and sb is not None
+        and len(sa) == len(sb)
+        and all(_same(x, y) for x, y in zip(sa, sb, strict=True))
+    )
+
+
 def _walk_probs(softmax: fx.Node, chain_nodes: list) -> tuple[fx.Node, list] | None:
     """From the softmax forward to the product with v; None if there is none (not attention)."""
     cur = softmax
@@ -905,8 +947,8 @@ def _walk_probs(softmax: fx.Node, chain_nodes: list) -> tuple[fx.Node, list] | N
             o = _op(u)
             if o is None or o.args.get("input") is not cur:
                 continue
-            if o.kind in ("cast", "identity"):
-                nxt = u
+            if o.kind in ("cast", "identity") or (o.kind == "view" and _same_shape(u, cur)):
+                nxt = u  # a view to the same shape (Falcon's ``probs.view(b, h, q, k)``)
                 break
             if o.kind == "dropout":
                 p, training = o.args.get("p", 0.5), o.args.get("training", True)
@@ -956,6 +998,8 @@ def _walk_scores(x: Any, ch: _Chain, depth: int = 0) -> fx.Node | None:
 
     if k in ("cast", "identity"):
         return through(a.get("input"))
+    if k == "view" and isinstance(a.get("input"), fx.Node) and _same_shape(x, a["input"]):
+        return through(a.get("input"))  # Falcon's ``scores.view(b, h, q, k)`` of its own shape
     if k in ("mul", "div"):
         lhs, rhs = a.get("input"), a.get("other")
         if k == "mul" and _is_scalar(lhs) and _is_tensor(rhs):
@@ -1650,6 +1694,15 @@ def _find_encoder_layer(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> 
 # ---------------------------------------------------------------------------
 
 
+def _purify_interior(ch: _Chain) -> None:
+    """In-place operators on the chain's own intermediates become pure, so that the
+    rewrite's dead-code elimination (which keeps in-place calls) drops the chain."""
+    inside = set(ch.interior)
+    for n in ch.interior:
+        if n.op == "call_function" and n.target in _INPLACE_TO_PURE and n.args[0] in inside:
+            n.target = _INPLACE_TO_PURE[n.target]
+
+
 def _is_softmax(node: fx.Node) -> bool:
     o = _op(node)
     return o is not None and o.kind == "softmax"
@@ -1698,6 +1751,7 @@ def find_eager(gm: fx.GraphModule, ctx: PassContext) -> list[AttentionMatch]:
             )
             matches.append(m)
             continue
+        _purify_interior(ch)
         if ch.out_einsum is not None:
             ch.pv = _canonical_pv(gm, ch)
         _drop_dead_uses(gm.graph, ch, live)

@@ -21,7 +21,7 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 def _bound_args(node: fx.Node) -> dict:
     bound = dict(_SDPA_DEFAULTS)
-    for name, arg in zip(_SDPA_ARGS, node.args):
+    for name, arg in zip(_SDPA_ARGS, node.args, strict=False):
         bound[name] = arg
     bound.update(node.kwargs)
     return bound
@@ -84,7 +84,11 @@ def sdpa_skip_reason(a: dict) -> str | None:
     hq, hk = q[1], k[1]
     # statically_known_true: no guard (under dynamic=True head counts are SymInts too)
     if not statically_known_true(hq == hk):
-        if not a["enable_gqa"]:
+        if not a["enable_gqa"] and not (
+            statically_known_true(hk == 1) and statically_known_true(v[1] == 1)
+        ):
+            # one key/value head broadcast over the query heads (Falcon's multi-query
+            # attention) is GQA with one group; other head counts do not broadcast
             return "query and key head counts differ without enable_gqa"
         if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
             return "query heads not a multiple of key/value heads"
@@ -97,4 +101,23 @@ def sdpa_skip_reason(a: dict) -> str | None:
         val = node_value(mask)
         if isinstance(val, torch.Tensor) and not (val.dtype == torch.bool or val.is_floating_point()):
             return f"mask dtype {val.dtype} is neither bool nor floating"
+        if isinstance(val, torch.Tensor) and val.is_floating_point():
+            return additive_mask_reason(mask)
     return None
+
+
+def additive_mask_reason(mask: fx.Node) -> str | None:
+    """Why a floating ``attn_mask`` is a bias (position bias, ALiBi), or None.
+
+    A bias derived from parameters or buffers (T5's first layer computes its relative
+    position bias from an embedding) or handed in holding values other than 0 and
+    blocking ones (T5's later layers) leaves the site exact, as the eager finder does.
+    A mask built by operations the finder does not follow is left to the op, which
+    reads it at run time and computes a bias exactly.
+    """
+    from .find_eager import _bias_reason  # find_eager imports this module
+
+    why = _bias_reason(mask)
+    if why is None or "computed in the graph" in why:
+        return None
+    return why
