@@ -136,7 +136,8 @@ def _probe_inputs(model: nn.Module, calibration: Any) -> tuple[tuple, dict] | No
         limit = None
         for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
             limit = limit or getattr(cfg, attr, None)
-        n = min(_PROBE_TOKENS, int(limit)) if limit else _PROBE_TOKENS
+        # two positions short of the table: RoBERTa-style models start positions at pad + 1
+        n = min(_PROBE_TOKENS, int(limit) - 2) if limit else _PROBE_TOKENS
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, int(vocab or 100), (1, n), generator=g).to(dev)
         return (), {"input_ids": ids}
@@ -321,10 +322,15 @@ def _uninstall(converted: nn.Module, state: _NaniteState, path: str) -> None:
     del state.backends[path]
 
 
-def _parent(path: str) -> str | None:
-    if not path:
-        return None
-    return path.rpartition(".")[0]
+def _parent(converted: nn.Module, path: str) -> str | None:
+    """The nearest enclosing module that runs a forward of its own (not a ModuleList/Dict)."""
+    while path:
+        path = path.rpartition(".")[0]
+        mod = converted.get_submodule(path) if path else converted
+        if not isinstance(mod, (nn.ModuleList, nn.ModuleDict)) and \
+                type(mod).forward is not nn.Module.forward:
+            return path
+    return None
 
 
 def _capture(converted: nn.Module, state: _NaniteState, args: tuple, kwargs: dict) -> None:
@@ -342,23 +348,37 @@ def _capture(converted: nn.Module, state: _NaniteState, args: tuple, kwargs: dic
         _install_at(converted, state, paths.get(id(owner), ""))
     if any(isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer)) for m in owners):
         _wrap_root_fastpath(converted)
-    for _ in range(_MAX_LIFTS + 1):
+    lifted: dict[str, str] = {}  # lifted capture -> the module it was lifted from
+    for round_ in range(_MAX_LIFTS + 1):
         with torch.no_grad():
             converted(*args, **kwargs)  # compiles every newly captured module
         moved = False
         for path in list(state.installed):
-            backend = state.backends[path]
-            if not backend.sites:  # a softmax that is no attention: give the module back
+            backend = state.backends.get(path)
+            if backend is None:  # removed in this round (inside a lifted capture)
+                continue
+            if not backend.sites:
                 _uninstall(converted, state, path)
+                if path in lifted:  # the lift lost the site: capture the child again, as it was
+                    _install_at(converted, state, lifted.pop(path))
+                    moved = True
+                # otherwise a softmax that is no attention: the module is given back
                 continue
             escaped = any(s.status == "skipped" and ESCAPES in s.reason for s in backend.sites)
-            parent = _parent(path)
-            if escaped and parent is not None and parent not in state.installed:
+            parent = _parent(converted, path)
+            if (escaped and parent is not None and parent not in state.installed
+                    and round_ < _MAX_LIFTS and path not in lifted.values()):
                 _uninstall(converted, state, path)
+                for inner in [q for q in state.installed if q.startswith(parent + ".") or not parent]:
+                    _uninstall(converted, state, inner)  # traced inside the parent's capture
                 _install_at(converted, state, parent)
+                lifted[parent] = path
                 moved = True
         if not moved:
             break
+    if moved:
+        with torch.no_grad():
+            converted(*args, **kwargs)
 
 
 def _measure(converted: nn.Module, state: _NaniteState, args: tuple, kwargs: dict) -> None:

@@ -51,7 +51,7 @@ def _clean_path(path: str) -> str:
     path = re.sub(r"^L\['args'\]\[0\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    path = path.replace("_modules.", "").strip(".")
+    path = path.replace("_modules.", "").replace("forward.__self__.", "").strip(".")
     return path
 
 
