@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .levels import EXACT, NONE, STATE
-from .reference import _compute_dtype, _entry_index, _log_features, _pyramid
+from .reference import _entry_index, _log_features, _pyramid, tile_layout, untile
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -83,26 +83,8 @@ def tiled_attention_cpu(
 
     The causal diagonal tile must be EXACT (the run-time rule guarantees it).
     """
-    cd = _compute_dtype(q)
-    b, h, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    dv = v.shape[-1]
-    G = h // hkv
-    T = tile
-    mk = -(-nk // T)
-    npad = mk * T
-    q0 = nk - nq
-    jq0 = q0 // T
-    mq = mk - jq0
-    qpad_front = q0 - jq0 * T
-    qpad = mq * T - nq - qpad_front
-
-    valid = torch.ones(b, nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
-    valid = F.pad(valid, (0, npad - nk), value=False)
-    kc = F.pad(k.to(cd), (0, 0, 0, npad - nk))
-    vc = F.pad(v.to(cd), (0, 0, 0, npad - nk))
-    qc = F.pad(q.to(cd), (0, 0, qpad_front, qpad))
-    qc = qc.reshape(b, hkv, G, mq, T, d).permute(0, 1, 3, 2, 4, 5)  # [B,Hkv,mq,G,T,D]
+    cd, b, h, nq, d, hkv, nk, dv, G, T, mk, jq0, mq, qpad_front, valid, kc, vc, qc = \
+        tile_layout(q, k, v, key_valid, tile)  # qc: [B,Hkv,mq,G,T,D]
 
     lv = levels.to(torch.int64)
     jj = torch.arange(mq, device=q.device)
@@ -192,7 +174,7 @@ def tiled_attention_cpu(
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
     num = torch.zeros(b, hkv, mq, G * T, dv, dtype=cd, device=q.device)
     den = torch.zeros(b, hkv, mq, G * T, dtype=cd, device=q.device)
-    for o, lse in zip(parts_o, parts_l):
+    for o, lse in zip(parts_o, parts_l, strict=True):
         a = torch.exp(lse - M)
         num = num + a[..., None] * torch.nan_to_num(o)
         den = den + a
@@ -201,5 +183,4 @@ def tiled_attention_cpu(
         num = num + a[..., None] * num_s
         den = den + a * den_s
     out = torch.where(den[..., None] > 0, num / den.clamp_min(torch.finfo(cd).tiny)[..., None], 0.0)
-    out = out.reshape(b, hkv, mq, G, T, dv).permute(0, 1, 3, 2, 4, 5).reshape(b, h, mq * T, dv)
-    return out[:, :, qpad_front:qpad_front + nq].to(q.dtype)
+    return untile(out, b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)

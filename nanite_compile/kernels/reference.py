@@ -139,6 +139,42 @@ def _entry_index(levels: torch.Tensor, offsets: torch.Tensor, tile: int):
     return torch.where(ok, idx, torch.zeros_like(idx)), ok
 
 
+def tile_layout(q, k, v, key_valid, tile):
+    """Pad keys to whole tiles and group queries by (KV head, query tile), in compute dtype.
+
+    Queries are the last ``Nq`` positions; the first query tile is aligned to
+    its absolute index ``jq0``. Returns ``cd, b, h, nq, d, hkv, nk, dv, G, T,
+    mk, jq0, mq, qpad_front, valid [B, mk*T], kc, vc [B, Hkv, mk*T, D],
+    qc [B, Hkv, mq, G, T, D]``.
+    """
+    cd = _compute_dtype(q)
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    dv = v.shape[-1]
+    G = h // hkv
+    T = tile
+    mk = -(-nk // T)
+    npad = mk * T
+    q0 = nk - nq  # absolute position of the first query
+    jq0 = q0 // T
+    mq = mk - jq0
+    qpad_front = q0 - jq0 * T
+    qpad = mq * T - nq - qpad_front
+    valid = torch.ones(b, nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+    valid = F.pad(valid, (0, npad - nk), value=False)
+    kc = F.pad(k.to(cd), (0, 0, 0, npad - nk))
+    vc = F.pad(v.to(cd), (0, 0, 0, npad - nk))
+    qc = F.pad(q.to(cd), (0, 0, qpad_front, qpad))  # [B, H, mq*T, D]
+    qc = qc.reshape(b, hkv, G, mq, T, d).permute(0, 1, 3, 2, 4, 5)
+    return cd, b, h, nq, d, hkv, nk, dv, G, T, mk, jq0, mq, qpad_front, valid, kc, vc, qc
+
+
+def untile(out, b, h, hkv, G, mq, T, dv, qpad_front, nq, dtype):
+    """``[B, Hkv, mq, G*T, Dv]`` back to ``[B, H, Nq, Dv]`` in ``dtype``."""
+    out = out.reshape(b, hkv, mq, G, T, dv).permute(0, 1, 3, 2, 4, 5).reshape(b, h, mq * T, dv)
+    return out[:, :, qpad_front:qpad_front + nq].to(dtype)
+
+
 def tiled_attention_from_levels(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -177,26 +213,9 @@ def tiled_attention_from_levels(
     Returns:
         ``[B, H, Nq, D]`` in q's dtype.
     """
-    cd = _compute_dtype(q)
-    b, h, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    dv = v.shape[-1]
-    G = h // hkv
-    T = tile
-    mk = -(-nk // T)
-    npad = mk * T
-    q0 = nk - nq  # absolute position of the first query
-    jq0 = q0 // T
-    mq = mk - jq0
-    qpad_front = q0 - jq0 * T
-    qpad = mq * T - nq - qpad_front
-
-    valid = torch.ones(b, nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
-    valid = F.pad(valid, (0, npad - nk), value=False)
-    kc = F.pad(k.to(cd), (0, 0, 0, npad - nk))
-    vc = F.pad(v.to(cd), (0, 0, 0, npad - nk))
-    qc = F.pad(q.to(cd), (0, 0, qpad_front, qpad))  # [B, H, mq*T, D]
-    qc = qc.reshape(b, hkv, G, mq, T, d).permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, mq, G * T, d)
+    cd, b, h, nq, d, hkv, nk, dv, G, T, mk, jq0, mq, qpad_front, valid, kc, vc, qc = \
+        tile_layout(q, k, v, key_valid, tile)
+    qc = qc.reshape(b, hkv, mq, G * T, d)
     qpos = (jq0 * T + torch.arange(mq * T, device=q.device)).reshape(mq, T)
     qpos = qpos[:, None, :].expand(mq, G, T).reshape(mq, G * T)  # [mq, G*T]
 
@@ -272,8 +291,7 @@ def tiled_attention_from_levels(
         den = e.sum(-1, keepdim=True) + den_s
         out[:, :, c0:c1] = torch.where(den > 0, num / den.clamp_min(torch.finfo(cd).tiny), 0.0)
 
-    out = out.reshape(b, hkv, mq, G, T, dv).permute(0, 1, 3, 2, 4, 5).reshape(b, h, mq * T, dv)
-    return out[:, :, qpad_front:qpad_front + nq].to(q.dtype)
+    return untile(out, b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)
 
 
 def tiled_attention(
