@@ -241,7 +241,7 @@ class _SDPAToNanite(TorchFunctionMode):
 def _sdpa_as_nanite(backend: NaniteBackend, args: tuple, kwargs: dict):
     from .kernels import ops  # noqa: F401  (registers the op)
     from .passes.find_sdpa import _SDPA_ARGS, _SDPA_DEFAULTS
-    from .passes.rewrite import site_params
+    from .passes.rewrite import plan_args, site_params
 
     a = dict(_SDPA_DEFAULTS)
     a.update(zip(_SDPA_ARGS, args))
@@ -257,10 +257,8 @@ def _sdpa_as_nanite(backend: NaniteBackend, args: tuple, kwargs: dict):
     p = site_params(backend.context(), sites[0].site)
     scale = a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5
     return torch.ops.nanite.tiled_attention(
-        q, k, v, a["attn_mask"], scale, bool(a["is_causal"]), p.tile, p.window, p.anchors,
-        -1 if p.horizon is None else p.horizon, p.budget,
-        0 if p.budget_reads is None else p.budget_reads, p.state_features,
-        backend.config.seed, sites[0].site,
+        q, k, v, a["attn_mask"], scale, bool(a["is_causal"]),
+        *plan_args(p, backend.config.seed, sites[0].site),
     )
 
 

@@ -140,6 +140,12 @@ def _keep_node(node: fx.Node) -> bool:
     return node.is_impure()
 
 
+def plan_args(p: TileParams, seed: int, site: str) -> tuple:
+    """The op's scalar arguments after ``is_causal``, in schema order (None as -1 / 0)."""
+    return (p.tile, p.window, p.anchors, -1 if p.horizon is None else p.horizon, p.budget,
+            0 if p.budget_reads is None else p.budget_reads, p.state_features, seed, site)
+
+
 def _plan_dict(p: TileParams) -> dict:
     return {
         "tile": p.tile, "window": p.window, "anchors": p.anchors, "horizon": p.horizon,
@@ -162,10 +168,7 @@ def _emit(gm: fx.GraphModule, m: AttentionMatch, p: TileParams, site: str, ctx: 
             scale = 1.0 / math.sqrt(int(d))
         new = graph.call_function(
             torch.ops.nanite.tiled_attention.default,
-            (q, k, v, mask, scale, bool(m.is_causal), p.tile, p.window, p.anchors,
-             -1 if p.horizon is None else p.horizon, p.budget,
-             0 if p.budget_reads is None else p.budget_reads, p.state_features,
-             ctx.config.seed, site),
+            (q, k, v, mask, scale, bool(m.is_causal), *plan_args(p, ctx.config.seed, site)),
         )
         if m.view_4d:
             new = graph.call_method("squeeze", (new, 0))
