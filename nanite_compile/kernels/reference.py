@@ -317,9 +317,10 @@ def tiled_attention(
     bias, rows a mask's structure does not reproduce, a query block that is
     neither the whole sequence nor one token, a sequence of one tile or less.
     ``stats`` (a dict), when given, receives what was done. ``fast``, when
-    given, is a module with ``supports(q, v, window)`` and
-    ``tiled_attention_cpu(...)`` (``kernels/cpu.py``) used in place of the
-    reference arithmetic where it applies; the level table is the same.
+    given, is a module with ``supports(q, v, window)`` and ``run(q, k, v,
+    levels, ...)`` (the arguments of ``kernels/cpu.py``'s
+    ``tiled_attention_cpu``; ``kernels/triton_attn.py`` has the same) used in
+    place of the reference arithmetic where it applies; the level table is the same.
     """
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -382,7 +383,7 @@ def tiled_attention(
         feature_proj = random_features(d, params.state_features, hkv, seed, q.device,
                                        _compute_dtype(q))
     if fast is not None and fast.supports(q, v, window):
-        out = fast.tiled_attention_cpu(
+        out = fast.run(
             q, k, v, levels, scale=scale, causal=causal, tile=T, key_valid=key_valid,
             feature_proj=feature_proj, chunk_bytes=chunk_bytes,
         )
