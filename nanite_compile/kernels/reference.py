@@ -316,8 +316,9 @@ def tiled_attention(
     cannot express exactly in structure is computed exactly: a mask that is a
     bias, rows a mask's structure does not reproduce, a query block that is
     neither the whole sequence nor one token, a sequence of one tile or less.
-    ``stats`` (a dict), when given, receives what was done. ``fast``, when
-    given, is a module with ``supports(q, v, window)`` and ``run(q, k, v,
+    ``stats`` (a dict), when given, receives what was done (``impl``: the
+    module that computed a tiled result, ``"reference"`` when none applied).
+    ``fast``, when given, is a module with ``supports(q, v, window)`` and ``run(q, k, v,
     levels, ...)`` (the arguments of ``kernels/cpu.py``'s
     ``tiled_attention_cpu``; ``kernels/triton_attn.py`` has the same) used in
     place of the reference arithmetic where it applies; the level table is the same.
@@ -382,7 +383,9 @@ def tiled_attention(
     if params.state_features > 0 and feature_proj is None and bool((levels == STATE).any()):
         feature_proj = random_features(d, params.state_features, hkv, seed, q.device,
                                        _compute_dtype(q))
+    impl = "reference"
     if fast is not None and fast.supports(q, v, window):
+        impl = fast.__name__.rsplit(".", 1)[-1]
         out = fast.run(
             q, k, v, levels, scale=scale, causal=causal, tile=T, key_valid=key_valid,
             feature_proj=feature_proj, chunk_bytes=chunk_bytes,
@@ -398,6 +401,7 @@ def tiled_attention(
         from .levels import level_reads
 
         stats["path"] = "tiled"
+        stats["impl"] = impl
         stats["levels"] = levels
         stats["reads_per_query"] = float(level_reads(levels, T, params.state_features).mean())
         stats["exact_reads_per_query"] = _exact_reads(nq, nk, causal, window, valid)
