@@ -1,7 +1,8 @@
 """The registered operator ``torch.ops.nanite.tiled_attention``.
 
 This module holds the schema, the fake (meta) implementation and the autograd
-formula; it imports no Triton. The graph rewrite emits calls to this op, so a
+formula; it imports Triton (``triton_attn``) only when the op first runs on
+CUDA tensors. The graph rewrite emits calls to this op, so a
 converted model still works with torch.compile, torch.export and autograd.
 
 Run-time recording: inside ``recording(...)`` every call reports, per site,
@@ -71,6 +72,24 @@ def _params(tile, window, anchors, horizon, budget, budget_reads, state_features
     )
 
 
+_TRITON: list = []  # the Triton module, or None when Triton is missing, once looked up
+
+
+def _fast_path(q: torch.Tensor):
+    """The fast implementation for q's device: Triton on CUDA when installed, else ``cpu.py``.
+
+    Which one ran (or ``"reference"`` when neither applied) is recorded as ``impl``.
+    """
+    if q.device.type == "cuda":
+        if not _TRITON:
+            from . import triton_attn
+
+            _TRITON.append(triton_attn if triton_attn.available() else None)
+        if _TRITON[0] is not None:
+            return _TRITON[0]
+    return _cpu
+
+
 @torch.library.custom_op("nanite::tiled_attention", mutates_args=(), device_types=None)
 def tiled_attention(
     q: torch.Tensor,
@@ -111,12 +130,13 @@ def tiled_attention(
     stats: dict | None = {} if store is not None else None
     out = _tiled_reference(
         q, k, v, attn_mask, scale=scale, is_causal=is_causal, params=params, seed=seed,
-        stats=stats, fast=_cpu,
+        stats=stats, fast=_fast_path(q),
     ).contiguous()
     if store is not None:
         rec = {
             "path": stats.get("path"),
             "reason": stats.get("reason", ""),
+            "impl": stats.get("impl", ""),
             "mask": stats.get("mask", ""),
             "reads_per_query": stats.get("reads_per_query"),
             "exact_reads_per_query": stats.get("exact_reads_per_query"),
