@@ -2,12 +2,19 @@
 
     python benchmarks/speed.py                      # CPU, N = 4k..16k
     python benchmarks/speed.py --lengths 4096 8192 16384 32768 --budgets 0.25 0.1
+    python benchmarks/speed.py --device cuda        # CUDA, bf16, N = 4k..32k
 
 Prints one table: per length and budget, SDPA time, tiled time, speedup, the
 realised key reads per query against the original's, and the fitted exponent
 of time against N (time ~ N**p) over the lengths measured. Timings are the
 median of ``--repeat`` runs after a warm-up, in one process, so ratios are
 comparable even on a shared machine.
+
+On CUDA, SDPA is pinned to its flash kernel (K/V repeated to the query heads
+beforehand, outside the timing), the tiled op runs the Triton kernel
+(``kernels/triton_attn.py``), times come from CUDA events, and three more
+columns appear: the kernel alone on the op's level table (without the run-time
+level rule), the implementation that ran, and the peak memory of each.
 """
 
 from __future__ import annotations
@@ -20,19 +27,42 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanite_compile.kernels.levels import TileParams
 from nanite_compile.kernels import cpu as cpu_kernels
-from nanite_compile.kernels.reference import tiled_attention
+from nanite_compile.kernels.levels import STATE, TileParams
+from nanite_compile.kernels.reference import random_features, tiled_attention
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _median_time(fn, repeat: int) -> float:
+def _median_time(fn, repeat: int, device: str = "cpu") -> float:
     fn()
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+        if device == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _peak_mib(fn, device: str) -> float | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _fit_exponent(ns: list[int], ts: list[float]) -> float | None:
@@ -41,12 +71,72 @@ def _fit_exponent(ns: list[int], ts: list[float]) -> float | None:
     xs = [math.log(n) for n in ns]
     ys = [math.log(t) for t in ts]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
+def _measure(n, args, dev, dtype, fast, rows, series, sdpa_series) -> None:
+    """Time SDPA and the tiled op at length ``n`` for every budget; append table rows."""
+    scale = args.head_dim ** -0.5
+    q = torch.randn(1, args.heads, n, args.head_dim, device=dev, dtype=dtype)
+    k = torch.randn(1, args.kv_heads, n, args.head_dim, device=dev, dtype=dtype)
+    v = torch.randn(1, args.kv_heads, n, args.head_dim, device=dev, dtype=dtype)
+    t_sdpa = m_sdpa = None
+    if n <= args.sdpa_max:
+        if dev == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            rep = args.heads // args.kv_heads
+            kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+
+            def sdpa():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+        else:
+            def sdpa():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        t_sdpa = _median_time(sdpa, args.repeat, dev)
+        m_sdpa = _peak_mib(sdpa, dev)
+        sdpa_series[0].append(n)
+        sdpa_series[1].append(t_sdpa)
+    for b in args.budgets:
+        p = TileParams(tile=args.tile, window=2, anchors=1, horizon=None, budget=b,
+                       budget_reads=None, state_features=args.head_dim)
+        stats: dict = {}
+
+        def tiled(p=p, stats=stats):
+            return tiled_attention(q, k, v, None, scale=scale, is_causal=True, params=p,
+                                   stats=stats, fast=fast)
+
+        t_tiled = _median_time(tiled, args.repeat, dev)
+        series[b][0].append(n)
+        series[b][1].append(t_tiled)
+        ratio = stats["reads_per_query"] / stats["exact_reads_per_query"]
+        row = [n, b, f"{t_sdpa * 1e3:.2f}" if t_sdpa else "-", f"{t_tiled * 1e3:.2f}",
+               f"{t_sdpa / t_tiled:.2f}x" if t_sdpa else "-", f"{ratio:.3f}"]
+        if dev == "cuda":
+            lv = stats["levels"]
+            proj = None
+            if bool((lv == STATE).any()):
+                proj = random_features(args.head_dim, args.head_dim, args.kv_heads, 0, dev,
+                                       torch.float32)
+
+            def kernel(lv=lv, proj=proj):
+                return fast.run(q, k, v, lv, scale=scale, causal=True, tile=args.tile,
+                                feature_proj=proj)
+
+            t_kernel = _median_time(kernel, args.repeat, dev)
+            row += [f"{t_kernel * 1e3:.2f}", stats.get("impl", "?"),
+                    "-" if m_sdpa is None else f"{m_sdpa:.0f}", f"{_peak_mib(tiled, dev):.0f}"]
+        rows.append(row)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                    help="default fp32 on cpu, bf16 on cuda (SDPA's flash kernel needs half)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="default 4k 8k 16k on cpu, 4k 8k 16k 32k on cuda")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1])
     ap.add_argument("--heads", type=int, default=9)
     ap.add_argument("--kv-heads", type=int, default=3)
@@ -57,36 +147,31 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from tabulate import tabulate
 
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    dtype = _DTYPES[args.dtype or ("bf16" if dev == "cuda" else "fp32")]
+    lengths = args.lengths or ([4096, 8192, 16384, 32768] if dev == "cuda" else [4096, 8192, 16384])
+    if dev == "cuda":
+        from nanite_compile.kernels import triton_attn as fast
+
+        if not fast.available():
+            raise SystemExit("--device cuda: triton is not installed")
+    else:
+        fast = cpu_kernels
     torch.manual_seed(0)
     rows = []
     series: dict[float, tuple[list, list]] = {b: ([], []) for b in args.budgets}
     sdpa_series: tuple[list, list] = ([], [])
-    for n in args.lengths:
-        q = torch.randn(1, args.heads, n, args.head_dim)
-        k = torch.randn(1, args.kv_heads, n, args.head_dim)
-        v = torch.randn(1, args.kv_heads, n, args.head_dim)
-        t_sdpa = None
-        if n <= args.sdpa_max:
-            t_sdpa = _median_time(lambda: F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=True), args.repeat)
-            sdpa_series[0].append(n)
-            sdpa_series[1].append(t_sdpa)
-        for b in args.budgets:
-            p = TileParams(tile=args.tile, window=2, anchors=1, horizon=None, budget=b,
-                           budget_reads=None, state_features=args.head_dim)
-            stats: dict = {}
-            t_tiled = _median_time(lambda: tiled_attention(
-                q, k, v, None, scale=args.head_dim ** -0.5, is_causal=True, params=p,
-                stats=stats, fast=cpu_kernels), args.repeat)
-            series[b][0].append(n)
-            series[b][1].append(t_tiled)
-            ratio = stats["reads_per_query"] / stats["exact_reads_per_query"]
-            rows.append([n, b, f"{t_sdpa * 1e3:.1f}" if t_sdpa else "-", f"{t_tiled * 1e3:.1f}",
-                         f"{t_sdpa / t_tiled:.2f}x" if t_sdpa else "-", f"{ratio:.3f}"])
+    for n in lengths:
+        _measure(n, args, dev, dtype, fast, rows, series, sdpa_series)
+    threads = f"{torch.get_num_threads()} threads" if dev == "cpu" else torch.cuda.get_device_name()
     print(f"causal attention, B=1, H={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, "
-          f"tile={args.tile}, fp32, {torch.get_num_threads()} threads, device=cpu")
-    print(tabulate(rows, headers=["N", "budget", "SDPA ms", "tiled ms", "speedup",
-                                  "reads/orig"], tablefmt="github"))
+          f"tile={args.tile}, {str(dtype).removeprefix('torch.')}, {threads}, device={dev}")
+    headers = ["N", "budget", "SDPA ms", "tiled ms", "speedup", "reads/orig"]
+    if dev == "cuda":
+        headers += ["kernel ms", "impl", "SDPA MiB", "tiled MiB"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
     exps = [["SDPA", _fit_exponent(*sdpa_series)]]
     exps += [[f"tiled, budget {b}", _fit_exponent(*series[b])] for b in args.budgets]
     print()
