@@ -393,6 +393,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _quality_script() -> Path | None:
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        p = root / "benchmarks" / "quality.py"
+        if p.is_file():
+            return p
+    return None
+
+
+def _cmd_quality(args: argparse.Namespace) -> int:
+    script = _quality_script()
+    if script is None:
+        raise CliError(
+            "quality runs benchmarks/quality.py, which is not installed with the package: run it "
+            "from a source checkout of nanite_compile (git clone, then pip install -e .)"
+        )
+    rest = list(args.args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    spec = importlib.util.spec_from_file_location("nanite_bench_quality", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(rest)
+    return result if isinstance(result, int) else 0
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -548,6 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for benchmarks/speed.py")
     b.set_defaults(func=_cmd_bench)
+
+    qa = sub.add_parser(
+        "quality",
+        parents=[common],
+        help="perplexity of nanite against baselines at equal key budget (benchmarks/quality.py)",
+        description="Run benchmarks/quality.py of the source checkout: SmolLM2 perplexity by token "
+        "range for the original, nanite and the training-free baselines. Its own options go after "
+        f"'--', e.g. '{PROG} quality -- --methods original nanite sliding --budgets 0.25'.",
+    )
+    qa.add_argument("args", nargs=argparse.REMAINDER, help="arguments for benchmarks/quality.py")
+    qa.set_defaults(func=_cmd_quality)
     return p
 
 

@@ -276,3 +276,19 @@ def test_density_dispersions_and_quest_bound():
     proj = torch.randn(HKV, D, 32, dtype=q.dtype)
     sc = density.state_change(k, v, T, D**-0.5, proj)
     assert sc.shape == (B, HKV, n // T) and bool((sc > 0).all())
+
+
+# ------------------------------------------------------------- the CLI entry
+
+
+def test_cli_quality_runs_the_quality_script(capsys, monkeypatch):
+    from nanite_compile import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quality", "--", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--methods" in out and "--budgets" in out
+    monkeypatch.setattr(cli, "_quality_script", lambda: None)
+    assert cli.main(["quality"]) == 2
+    assert "benchmarks/quality.py" in capsys.readouterr().err
