@@ -39,8 +39,11 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 __all__ = ["available", "run", "supports", "tiled_attention_triton"]
 
-# entries scored per step of the entry loop (fixed, no autotune yet)
+# entries scored per step of the entry loop: the default, and the candidates the
+# CUDA autotune times once per plan (never on the CPU / interpreter)
 BLOCK_E = 64
+BLOCK_E_CHOICES = (32, 64, 128)
+_BEST_BLOCK_E: dict[tuple, int] = {}
 
 
 def available() -> bool:
@@ -226,6 +229,33 @@ def _kernel():
     return _KERNEL
 
 
+def _cuda_time(fn, repeat: int = 3) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream (after one warm-up/compile)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _pick_block_e(key: tuple, launch, timer) -> int:
+    """The entry block of a plan: each of ``BLOCK_E_CHOICES`` timed once, the fastest kept.
+
+    ``launch(block_e)`` runs the kernel; ``timer(fn)`` returns its time. The choice is
+    cached per ``key`` (the plan's constexprs and the entry count's power of two).
+    """
+    if key not in _BEST_BLOCK_E:
+        times = {be: timer(lambda be=be: launch(be)) for be in BLOCK_E_CHOICES}
+        _BEST_BLOCK_E[key] = min(times, key=times.get)
+    return _BEST_BLOCK_E[key]
+
+
 def tiled_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -250,7 +280,9 @@ def tiled_attention_triton(
         scale, causal, tile, key_valid, feature_proj: as the reference's.
         chunk_bytes: unused (the kernel needs no per-chunk scratch); kept for
             the common signature.
-        block_e: entries per step of the entry loop (default ``BLOCK_E``).
+        block_e: entries per step of the entry loop. Default: on CUDA the
+            fastest of ``BLOCK_E_CHOICES`` for this plan (timed on the first call,
+            then cached); under the interpreter ``BLOCK_E``.
 
     Returns:
         ``[B, H, Nq, Dv]`` in q's dtype.
@@ -331,24 +363,38 @@ def tiled_attention_triton(
     interpret = _interpreting()
     half = q.dtype in (torch.float16, torch.bfloat16)
     BM = _next_pow2(T)
-    BE = block_e or BLOCK_E
-    kern = _kernel()
-    grid = (mq, b * h)
-    kern[grid](
-        q_, bank_k.contiguous(), bank_v.contiguous(), bank_lc.contiguous(), idx, cnt, proj,
-        s_row, z_row, ck, out,
-        float(scale), math.sqrt(scale), 0.5 * math.log(nf),
-        h, G, hkv, nq, nk - nq, jq0, mq, nb, P,
-        q_.stride(0), q_.stride(1), q_.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        T=T, D=d, DV=dv, F=nf, BM=BM, BD=_next_pow2(d), BDV=_next_pow2(dv), BF=_next_pow2(nf), BE=BE,
+    consts = dict(
+        T=T, D=d, DV=dv, F=nf, BM=BM, BD=_next_pow2(d), BDV=_next_pow2(dv), BF=_next_pow2(nf),
         USE_DIAG=bool(causal), USE_ENTRIES=use_entries, USE_STATE=use_state,
         HALF_DOT=half, EMULATE_HALF=half and interpret,
         DOT_DTYPE=tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,
         # fp32 operands: three tf32 products (about fp32 accuracy); half operands: native
         PRECISION="ieee" if interpret else ("tf32" if half else "tf32x3"),
-        **({} if interpret else {"num_warps": 4 if BM <= 64 else 8}),
     )
+    kern = _kernel()
+    grid = (mq, b * h)
+
+    def launch(be: int) -> None:
+        kern[grid](
+            q_, bank_k.contiguous(), bank_v.contiguous(), bank_lc.contiguous(), idx, cnt, proj,
+            s_row, z_row, ck, out,
+            float(scale), math.sqrt(scale), 0.5 * math.log(nf),
+            h, G, hkv, nq, nk - nq, jq0, mq, nb, P,
+            q_.stride(0), q_.stride(1), q_.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            BE=be, **consts,
+            **({} if interpret else {"num_warps": 4 if BM <= 64 else 8}),
+        )
+
+    if block_e is None:
+        if interpret or dev.type != "cuda" or not use_entries:
+            block_e = BLOCK_E
+        else:
+            key = (*((k_, str(v_)) for k_, v_ in sorted(consts.items())), str(q.dtype),
+                   _next_pow2(P, 1),
+                   torch.cuda.get_device_name(dev))
+            block_e = _pick_block_e(key, launch, _cuda_time)
+    launch(block_e)
     return out
 
 

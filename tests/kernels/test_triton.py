@@ -96,7 +96,12 @@ def random_table(b, hkv, mq, mk, causal, choices, seed):
 
 
 def check(q, k, v, lv, *, scale, causal, tile, key_valid=None, proj=None, **kw):
-    """Kernel vs the reference in q's dtype, both against the fp64 reference."""
+    """Kernel vs the reference in q's dtype, both against the fp64 reference.
+
+    The entry block is ``BLOCK_E`` unless given (``block_e=None``: the CUDA autotune),
+    so that on a GPU the small cases do not compile every candidate.
+    """
+    kw.setdefault("block_e", triton_attn.BLOCK_E)
     out = triton_attn.tiled_attention_triton(
         q, k, v, lv, scale=scale, causal=causal, tile=tile, key_valid=key_valid,
         feature_proj=proj, **kw)
@@ -147,13 +152,33 @@ def test_value_width_and_feature_width_differ():
     check(q, k, v, lv, scale=d**-0.5, causal=True, tile=tile, proj=proj)
 
 
-@pytest.mark.parametrize("block_e", [16, 64])
+@pytest.mark.parametrize("block_e", sorted({16, *triton_attn.BLOCK_E_CHOICES}))
 def test_entry_block_size_does_not_change_the_result(block_e):
-    """Several entry blocks per row (16) or one (64): the same output to rounding."""
+    """Several entry blocks per row (16) or one: the same output to rounding, for every
+    block size the autotune may pick."""
     q, k, v = qkv(1, 4, 2, 80, 16, 16, seed=5)
     lv = random_table(1, 2, 10, 10, True, [EXACT, EXACT, 1, STATE], seed=5)
     proj = random_features(16, 16, 2, seed=0, device=DEV, dtype=torch.float32)
     check(q, k, v, lv, scale=0.25, causal=True, tile=8, proj=proj, block_e=block_e)
+
+
+def test_autotune_times_each_choice_once_per_plan(monkeypatch):
+    """The entry-block choice: every candidate timed once, the fastest kept, then cached."""
+    monkeypatch.setattr(triton_attn, "_BEST_BLOCK_E", {})
+    launched, timed = [], []
+    fake_ms = {32: 3.0, 64: 1.0, 128: 2.0}
+
+    def timer(fn):
+        fn()
+        timed.append(launched[-1])
+        return fake_ms[launched[-1]]
+
+    for _ in range(2):
+        be = triton_attn._pick_block_e(("plan",), launched.append, timer)
+        assert be == 64
+    assert sorted(timed) == sorted(triton_attn.BLOCK_E_CHOICES)
+    assert triton_attn._pick_block_e(("other plan",), launched.append, timer) == 64
+    assert len(timed) == 2 * len(triton_attn.BLOCK_E_CHOICES)
 
 
 def test_single_query_decode():
@@ -317,7 +342,8 @@ def _golden_check_rule(n, budget, dtype, features=64, h=9, hkv=3, d=64, tile=64,
     lv = build_levels(tile_density(kc, vp, tile), torch.arange(m, device=DEV), p, causal=True,
                       window=None, tile_valid=vp.reshape(b, m, tile).any(-1), nk=n)
     proj = random_features(d, features, hkv, seed=0, device=DEV, dtype=torch.float32)
-    check(q, k, v, lv, scale=d**-0.5, causal=True, tile=tile, key_valid=valid, proj=proj)
+    check(q, k, v, lv, scale=d**-0.5, causal=True, tile=tile, key_valid=valid, proj=proj,
+          block_e=None)
 
 
 @needs_cuda
