@@ -34,8 +34,10 @@ from .reference import _entry_index, _log_features, _pyramid
 try:  # optional dependency: the op falls back to the PyTorch path without it
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources as _OUT_OF_RESOURCES
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = tl = None
+    _OUT_OF_RESOURCES = ()
 
 __all__ = ["available", "run", "supports", "tiled_attention_triton"]
 
@@ -251,7 +253,14 @@ def _pick_block_e(key: tuple, launch, timer) -> int:
     cached per ``key`` (the plan's constexprs and the entry count's power of two).
     """
     if key not in _BEST_BLOCK_E:
-        times = {be: timer(lambda be=be: launch(be)) for be in BLOCK_E_CHOICES}
+        times = {}
+        for be in BLOCK_E_CHOICES:
+            try:
+                times[be] = timer(lambda be=be: launch(be))
+            except _OUT_OF_RESOURCES:  # e.g. too much shared memory: not a candidate here
+                continue
+        if not times:
+            raise RuntimeError(f"no entry block of {BLOCK_E_CHOICES} fits this plan")
         _BEST_BLOCK_E[key] = min(times, key=times.get)
     return _BEST_BLOCK_E[key]
 
@@ -383,7 +392,8 @@ def tiled_attention_triton(
             q_.stride(0), q_.stride(1), q_.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             BE=be, **consts,
-            **({} if interpret else {"num_warps": 4 if BM <= 64 else 8}),
+            # two stages: the gathered K/V blocks of 3 would not fit shared memory at D = 128
+            **({} if interpret else {"num_warps": 4 if BM <= 64 else 8, "num_stages": 2}),
         )
 
     if block_e is None:

@@ -180,6 +180,15 @@ def test_autotune_times_each_choice_once_per_plan(monkeypatch):
     assert triton_attn._pick_block_e(("other plan",), launched.append, timer) == 64
     assert len(timed) == 2 * len(triton_attn.BLOCK_E_CHOICES)
 
+    def too_big(fn):  # the largest block does not fit (shared memory): skipped
+        fn()
+        if launched[-1] == 128:
+            raise triton_attn._OUT_OF_RESOURCES(2**18, 2**17, "shared memory")
+        return fake_ms[launched[-1]]
+
+    fake_ms[128] = 0.5
+    assert triton_attn._pick_block_e(("third plan",), launched.append, too_big) == 64
+
 
 def test_single_query_decode():
     """Nq = 1 (the last of Nk positions): one query tile, only its last row written."""
