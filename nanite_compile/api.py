@@ -20,7 +20,9 @@ the first real forward.
 from __future__ import annotations
 
 import copy
+import itertools
 import types
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from .backend import NaniteBackend, sites_for
 from .passes.rewrite import ESCAPES
 from .config import NaniteConfig, check_budget
+from .kernels import ops as _ops
 from .kernels.ops import recording
 from .report import RewriteReport
 
@@ -40,6 +43,8 @@ _UNSET: Any = object()
 _PROBE_TOKENS = 1024  # the probe that measures each site
 _CAPTURE_TOKENS = 160  # the probe that finds and captures the sites
 _MAX_LIFTS = 3  # how many levels up a capture may move to keep attention weights inside
+_CALIBRATION_SAMPLES = 4  # input samples per site the cost model measures
+_CONVERSIONS = itertools.count()
 
 # functions whose caller is an attention candidate
 _ATTENTION_FUNCS = {
@@ -62,6 +67,8 @@ class _NaniteState:
     pending: bool = False
     notes: list = field(default_factory=list)
     records: dict = field(default_factory=dict)
+    tag: str = ""  # appended to site names in the op calls of this conversion
+    plan: Any = None  # the cost model's planner.Plan, after calibration
 
 
 def _check_model(model: Any) -> None:
@@ -107,21 +114,40 @@ def _share_copy(model: nn.Module) -> nn.Module:
     return new
 
 
-def _probe_inputs(model: nn.Module, calibration: Any) -> tuple[tuple, dict] | None:
+def _calibration_batches(calibration: Any) -> list[torch.Tensor] | None:
+    """The calibration input as a list of ``[B, N]`` tensors (an iterable is read once)."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, torch.Tensor):
+        items = [calibration]
+    elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes, dict)):
+        items = list(calibration)
+    else:
+        raise TypeError(
+            "calibration must be a LongTensor [B, N] of token ids or an iterable of them, "
+            f"got {type(calibration).__name__}"
+        )
+    if not items:
+        raise ValueError("calibration is empty: pass token ids [B, N] (e.g. a tokenised text)")
+    out = []
+    for t in items:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"calibration must hold tensors of token ids, got {type(t).__name__}")
+        if t.dim() == 1:
+            t = t[None]
+        if t.dim() == 0 or t.numel() == 0:
+            raise ValueError(
+                f"calibration tensors must be model inputs with a batch axis (token ids [B, N]), "
+                f"got shape {tuple(t.shape)}"
+            )
+        out.append(t)
+    return out
+
+
+def _probe_inputs(model: nn.Module, calibration: list[torch.Tensor] | None) -> tuple[tuple, dict] | None:
     """Arguments for a probe forward, or None when none can be made up."""
     if calibration is not None:
-        first = calibration
-        if not isinstance(calibration, torch.Tensor):
-            if not isinstance(calibration, Iterable):
-                raise TypeError(
-                    "calibration must be a LongTensor [B, N] of token ids or an iterable of them, "
-                    f"got {type(calibration).__name__}"
-                )
-            first = next(iter(calibration), None)
-            if not isinstance(first, torch.Tensor):
-                raise TypeError("calibration must hold tensors of token ids")
-        if first.dim() == 1:
-            first = first[None]
+        first = calibration[0]
         name = getattr(model, "main_input_name", None)
         return ((), {name: first[:1]}) if name else ((first[:1],), {})
     cfg = getattr(model, "config", None)
@@ -258,7 +284,7 @@ def _sdpa_as_nanite(backend: NaniteBackend, args: tuple, kwargs: dict):
     scale = a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5
     return torch.ops.nanite.tiled_attention(
         q, k, v, a["attn_mask"], scale, bool(a["is_causal"]),
-        *plan_args(p, backend.config.seed, sites[0].site),
+        *plan_args(p, backend.config.seed, sites[0].site + backend.site_tag),
     )
 
 
@@ -307,7 +333,8 @@ def _wrap_root_fastpath(model: nn.Module) -> None:
 
 def _install_at(converted: nn.Module, state: _NaniteState, path: str) -> None:
     module = converted.get_submodule(path) if path else converted
-    backend = NaniteBackend(state.config, site_prefix=path, inner="eager", register=False)
+    backend = NaniteBackend(state.config, site_prefix=path, inner="eager", register=False,
+                            site_tag=state.tag)
     state.backends[path] = backend
     _install(module, backend)
     state.installed.append(path)
@@ -388,8 +415,10 @@ def _measure(converted: nn.Module, state: _NaniteState, args: tuple, kwargs: dic
             site.absorb(rec.get(site.site, []))
 
 
-def _capture_on_first_call(converted: nn.Module, state: _NaniteState) -> None:
-    """Without a probe input, capture on the first forward (before it runs)."""
+def _capture_on_first_call(converted: nn.Module, state: _NaniteState,
+                           plans: dict | None = None) -> None:
+    """Without a probe input, capture on the first forward (before it runs);
+    ``plans`` (saved ones) are applied right after the capture."""
     fwd = converted.forward
     fn = fwd.__func__ if isinstance(fwd, types.MethodType) else type(converted).forward
 
@@ -398,10 +427,83 @@ def _capture_on_first_call(converted: nn.Module, state: _NaniteState) -> None:
         state.pending = False
         state.notes.clear()
         _capture(self, state, args, kwargs)
+        if plans:
+            _apply_plans(state, plans)
         return self.forward(*args, **kwargs)
 
     forward.__wrapped__ = fn
     converted.forward = types.MethodType(forward, converted)
+
+
+def _site_index(state: _NaniteState) -> dict:
+    """Rewritten site name -> (backend, its SiteReport)."""
+    return {s.site: (be, s) for be in state.backends.values() for s in be.sites
+            if s.status == "rewritten"}
+
+
+def _apply_plans(state: _NaniteState, plans: dict[str, dict]) -> None:
+    """Run each named site with its plan dict (cost model output or a saved plan)."""
+    from .passes.rewrite import site_params
+
+    index = _site_index(state)
+    keys = []
+    for site, entries in plans.items():
+        if site not in index:
+            continue
+        backend, rep = index[site]
+        backend.plans[site] = dict(entries)
+        params = site_params(backend.context(), site)
+        _ops.set_site_plans({site + state.tag: params})
+        keys.append(site + state.tag)
+        rep.plan = dict(rep.plan, **entries)
+    weakref.finalize(state, _ops.drop_site_plans, keys)
+
+
+def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Tensor]) -> None:
+    """The cost model: collect each site's inputs on the calibration tokens, plan, apply."""
+    from . import planner
+    from .passes.rewrite import site_params
+
+    name = getattr(converted, "main_input_name", None)
+    with torch.no_grad(), _ops.collecting(max_calls=_CALIBRATION_SAMPLES) as got:
+        for ids in _progress(batches, "nanite: calibration forwards"):
+            if name:
+                converted(**{name: ids})
+            else:
+                converted(ids)
+    index = _site_index(state)
+    collected = {s: v for s, v in got.items() if s in index}
+    if not collected:
+        state.notes.append("calibration: no rewritten site was called; plans left uniform")
+        return
+    bar = _progress(None, "nanite: cost model", total=len(collected))
+    plan, _ = planner.plan_sites(
+        collected, lambda s: site_params(index[s][0].context(), s), state.config.budget,
+        seed=state.config.seed, max_error=state.config.max_error,
+        progress=(lambda s: bar.update(1)) if bar is not None else None,
+    )
+    if bar is not None:
+        bar.close()
+    state.plan = plan
+    _apply_plans(state, {s: p.to_plan_entries() for s, p in plan.sites.items()})
+    exact = [s for s, p in plan.sites.items() if p.kept_exact]
+    ntok = sum(int(b.numel()) for b in batches)
+    state.notes.append(
+        f"cost model: {len(plan.sites)} sites planned on {ntok} calibration tokens; reads "
+        f"x{plan.realised:.3f} of the original (budget {plan.budget:g})"
+        + (f"; kept exact by max_error: {', '.join(exact)}" if exact else "")
+    )
+
+
+def _progress(items, desc: str, total: int | None = None):
+    """A tqdm progress bar on a terminal (items wrapped, or a bar to update); plain otherwise."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        return items
+    if items is None:
+        return tqdm(total=total, desc=desc, disable=None, leave=False)
+    return tqdm(items, desc=desc, disable=None, leave=False)
 
 
 def convert(
@@ -419,10 +521,14 @@ def convert(
         budget: share of the original attention's key reads to keep, in
             ``(0, 1]`` (default 0.25; 1.0 keeps attention exact). Overrides
             ``config.budget``.
-        calibration: token ids ``[B, N]`` (or an iterable of them) run through
-            the model to find and measure its attention sites. Without it a
-            Hugging Face model is probed with synthetic tokens, and any other
-            module is captured on its first forward.
+        calibration: token ids ``[B, N]`` (or an iterable of them). They are
+            run through the model with every site exact while each site's
+            inputs are kept, and the cost model (``nanite_compile.planner``)
+            spends the budget across sites where it lowers the measured error
+            most (``config.max_error`` keeps hopeless sites exact). Without it
+            every site gets the same budget: a Hugging Face model is probed
+            with synthetic tokens, any other module is captured on its first
+            forward.
         config: a `NaniteConfig` or a dict of its options.
 
     Returns:
@@ -434,19 +540,31 @@ def convert(
         TypeError: ``model`` is not an ``nn.Module``, or an option has the wrong type.
         ValueError: ``budget`` is outside ``(0, 1]`` or NaN.
     """
+    return _convert(model, budget=budget, calibration=calibration, config=config)
+
+
+def _convert(model: nn.Module, *, budget: Any = _UNSET, calibration: Any = None,
+             config: Any = None, plans: dict | None = None) -> nn.Module:
+    """`convert`; with ``plans`` (site -> plan dict, as saved) those plans are applied
+    instead of running the cost model."""
     _check_model(model)
     cfg = _resolve_config(budget, config)
+    batches = _calibration_batches(calibration)
     converted = _share_copy(model)
-    state = _NaniteState(config=cfg)
+    state = _NaniteState(config=cfg, tag=f"@c{next(_CONVERSIONS)}")
     converted.__dict__["_nanite_state"] = state
-    probe = _probe_inputs(converted, calibration)
+    probe = _probe_inputs(converted, batches)
     if probe is None:
         state.pending = True
         state.notes.append("no probe input: attention sites are found at the first forward")
-        _capture_on_first_call(converted, state)
+        _capture_on_first_call(converted, state, plans)
         return converted
     was_training = converted.training
     _capture(converted, state, *_shortened(probe))
+    if plans:
+        _apply_plans(state, plans)
+    elif batches is not None and cfg.budget < 1.0:
+        _calibrate(converted, state, batches)
     _measure(converted, state, *probe)
     converted.train(was_training)
     return converted

@@ -44,17 +44,20 @@ class NaniteBackend:
         site_prefix: module path prepended to site names (used by ``convert``).
         plans: per-site tile parameter overrides.
         inner: overrides ``config.inner``.
+        site_tag: appended to site names in the op's ``site`` argument (see
+            ``PassContext.site_tag``).
         register: make the sites findable by ``nanite_compile.report`` of the
             compiled model (``convert`` keeps its own record and passes False).
     """
 
     def __init__(self, config: NaniteConfig | None = None, *, site_prefix: str = "",
                  plans: dict | None = None, inner: str | None = None,
-                 register: bool = True) -> None:
+                 register: bool = True, site_tag: str = "") -> None:
         self.register = register
         self.config = config or NaniteConfig()
         self.site_prefix = site_prefix
         self.plans = dict(plans or {})
+        self.site_tag = site_tag
         self.inner = inner or self.config.inner
         self.sites: list = []
         self.counters: dict = {}
@@ -62,7 +65,7 @@ class NaniteBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         ctx = PassContext(self.config, site_prefix=self.site_prefix, plans=self.plans,
-                          graph_index=self.graphs)
+                          graph_index=self.graphs, site_tag=self.site_tag)
         run_passes(gm, ctx)
         if self.inner == "eager":
             compiled = gm.forward
@@ -78,7 +81,8 @@ class NaniteBackend:
 
     def context(self) -> PassContext:
         """A pass context carrying this backend's configuration and plans."""
-        return PassContext(self.config, site_prefix=self.site_prefix, plans=self.plans)
+        return PassContext(self.config, site_prefix=self.site_prefix, plans=self.plans,
+                           site_tag=self.site_tag)
 
     def rewritten_sites(self) -> list:
         return [s for s in self.sites if s.status == "rewritten"]

@@ -74,6 +74,13 @@ class NaniteConfig:
         state_features: width ``F`` of the positive feature map of the STATE
             path; 0 disables STATE (tiles past the horizon are then pooled to
             one summary each).
+        sharpness: how sharply a tile's key reads follow the query-aware
+            estimate of the attention mass it receives (reads ~ mass**sharpness
+            per query tile; 0 falls back to key dispersion over distance).
+        max_error: with calibration, the largest relative error of a site's
+            attention output the cost model accepts; a site that cannot get
+            under it at its share of the budget stays exact (the report says
+            so). None: no bound.
         feature_map: ``"prf"``: unbiased positive random features.
         seed: seed of the random features.
         impl: operator implementation: ``"auto"`` (Triton on CUDA when
@@ -90,6 +97,8 @@ class NaniteConfig:
     anchors: int = 1
     horizon: int | None = None
     state_features: int = 64
+    sharpness: float = 3.0
+    max_error: float | None = None
     feature_map: str = "prf"
     seed: int = 0
     impl: str = "auto"
@@ -109,6 +118,17 @@ class NaniteConfig:
         _check_int("state_features", self.state_features, 0)
         _check_int("seed", self.seed, 0)
         _check_int("chunk_bytes", self.chunk_bytes, 2**16)
+        if isinstance(self.sharpness, bool) or not isinstance(self.sharpness, (int, float)) \
+                or not (0.0 <= float(self.sharpness) <= 16.0):
+            raise ValueError(f"sharpness must be a number in [0, 16] (default 3.0), got {self.sharpness!r}")
+        object.__setattr__(self, "sharpness", float(self.sharpness))
+        if self.max_error is not None:
+            if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) \
+                    or not (float(self.max_error) > 0.0):
+                raise ValueError(
+                    f"max_error must be a positive number (a relative error such as 0.3) or None, "
+                    f"got {self.max_error!r}")
+            object.__setattr__(self, "max_error", float(self.max_error))
         if self.feature_map not in _FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {_FEATURE_MAPS}, got {self.feature_map!r}")
         if self.impl not in _IMPL:

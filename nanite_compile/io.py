@@ -460,7 +460,7 @@ def load(directory: str | os.PathLike, model: nn.Module, *, calibration: Any = N
             sites no longer get the saved plans.
         TypeError: ``model`` is not an ``nn.Module``.
     """
-    from .api import convert, report
+    from .api import _convert, report
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"load() takes the original torch.nn.Module, got {type(model).__name__}")
@@ -471,7 +471,7 @@ def load(directory: str | os.PathLike, model: nn.Module, *, calibration: Any = N
             "gave nanite_compile.convert"
         )
     _check_model(saved, model)
-    converted = convert(model, config=saved.config, calibration=calibration)
+    converted = _convert(model, config=saved.config, calibration=calibration, plans=saved.plans)
     state = converted.__dict__["_nanite_state"]
     if saved.tensors:
         state.learned = dict(saved.tensors)

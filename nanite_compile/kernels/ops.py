@@ -60,7 +60,53 @@ def recording(measure_error: bool = False, levels: bool = False) -> Iterator[dic
         _RECORD_LEVELS.reset(t3)
 
 
-def _params(tile, window, anchors, horizon, budget, budget_reads, state_features) -> TileParams:
+# site key (the op's ``site`` argument) -> TileParams chosen by the cost model after
+# capture; a site with an entry runs that plan instead of the one in its graph
+_SITE_PLANS: dict[str, TileParams] = {}
+# when set, calls record their inputs (site -> list) and return exact attention
+_COLLECT: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "nanite_collect", default=None
+)
+
+
+def set_site_plans(plans: dict[str, TileParams]) -> None:
+    """Give sites (by op site key) the plans a cost model chose; they win over the graph's."""
+    _SITE_PLANS.update(plans)
+
+
+def drop_site_plans(keys) -> None:
+    for key in keys:
+        _SITE_PLANS.pop(key, None)
+
+
+def site_name(site: str) -> str:
+    """The report name of an op site key (``path@conversion`` -> ``path``)."""
+    return site.partition("@")[0]
+
+
+@contextlib.contextmanager
+def collecting(max_calls: int = 8) -> Iterator[dict]:
+    """Record each op call's inputs per site while running exact attention.
+
+    The calibration run of the cost model: the model computes what the
+    original computes (every site exact), and each site's ``(q, k, v,
+    attn_mask, scale, is_causal)`` of its first ``max_calls`` calls is kept
+    (detached).
+
+    Yields:
+        A dict ``site name -> list of input tuples``.
+    """
+    store: dict = {"__max__": max_calls}
+    token = _COLLECT.set(store)
+    try:
+        yield store
+    finally:
+        _COLLECT.reset(token)
+        store.pop("__max__", None)
+
+
+def _params(tile, window, anchors, horizon, budget, budget_reads, state_features,
+            sharpness: float = 3.0) -> TileParams:
     return TileParams(
         tile=tile,
         window=window,
@@ -69,7 +115,13 @@ def _params(tile, window, anchors, horizon, budget, budget_reads, state_features
         budget=budget,
         budget_reads=None if budget_reads <= 0 else budget_reads,
         state_features=state_features,
+        sharpness=sharpness,
     )
+
+
+def _resolve(site: str, *plan) -> TileParams:
+    over = _SITE_PLANS.get(site)
+    return over if over is not None else _params(*plan)
 
 
 _TRITON: list = []  # the Triton module, or None when Triton is missing, once looked up
@@ -107,6 +159,7 @@ def tiled_attention(
     state_features: int,
     seed: int,
     site: str,
+    sharpness: float = 3.0,
 ) -> torch.Tensor:
     """Tiled attention, DESIGN.md section 1.
 
@@ -120,12 +173,25 @@ def tiled_attention(
         tile, window, anchors, horizon, budget, budget_reads, state_features:
             the site's plan (``horizon < 0`` and ``budget_reads <= 0`` mean unset).
         seed: seed of the random features.
-        site: the site's name, used only for run-time records.
+        site: the site's key: its name for run-time records (the part before
+            ``@``), and the key of a plan set by `set_site_plans`, which then
+            replaces the plan arguments.
+        sharpness: how sharply key reads follow the query-aware mass
+            estimate (0: density over distance).
 
     Returns:
         ``[B, H, Nq, Dv]`` in q's dtype.
     """
-    params = _params(tile, window, anchors, horizon, budget, budget_reads, state_features)
+    collect = _COLLECT.get()
+    if collect is not None:
+        calls = collect.setdefault(site_name(site), [])
+        if len(calls) < collect["__max__"]:
+            calls.append(tuple(t.detach() if isinstance(t, torch.Tensor) else t
+                               for t in (q, k, v, attn_mask, scale, is_causal)))
+        return exact_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
+    params = _resolve(site, tile, window, anchors, horizon, budget, budget_reads,
+                      state_features, sharpness)
+    site = site_name(site)
     store = _RECORDER.get()
     stats: dict | None = {} if store is not None else None
     out = _tiled_reference(
@@ -155,7 +221,7 @@ def tiled_attention(
 
 @tiled_attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, tile, window, anchors, horizon, budget,
-      budget_reads, state_features, seed, site):
+      budget_reads, state_features, seed, site, sharpness=3.0):
     torch._check(q.dim() == 4, lambda: "q must be [B, H, N, D]")
     torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be [B, Hkv, N, D]")
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
@@ -178,6 +244,7 @@ def tiled_attention_backward(
     budget_reads: int,
     state_features: int,
     seed: int,
+    sharpness: float = 3.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``tiled_attention`` w.r.t. q, k, v (recomputed in PyTorch).
 
@@ -185,7 +252,8 @@ def tiled_attention_backward(
     is held fixed: the gradient is that of the chosen tiled attention. Its own
     op, so that tracing (AOT autograd, export) sees one opaque call.
     """
-    params = _params(tile, window, anchors, horizon, budget, budget_reads, state_features)
+    params = _params(tile, window, anchors, horizon, budget, budget_reads, state_features,
+                     sharpness)
     # the op body runs below the autograd key; torch.func builds its own graph
     def f(q_, k_, v_):
         return _tiled_reference(q_, k_, v_, attn_mask, scale=scale, is_causal=is_causal,
@@ -205,14 +273,21 @@ def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask = inputs[:4]
     ctx.save_for_backward(q, k, v, attn_mask if attn_mask is not None else q.new_empty(0))
     ctx.has_mask = attn_mask is not None
-    ctx.rest = inputs[4:-1]  # the plan scalars, without the site name
+    scale, is_causal = inputs[4:6]
+    site = inputs[14]
+    sharpness = inputs[15] if len(inputs) > 15 else 3.0
+    p = _resolve(site, *inputs[6:13], sharpness)  # the plan the forward ran
+    ctx.rest = (scale, is_causal, p.tile, p.window, p.anchors,
+                -1 if p.horizon is None else p.horizon, p.budget,
+                0 if p.budget_reads is None else p.budget_reads, p.state_features,
+                inputs[13], p.sharpness)
 
 
 def _backward(ctx, grad):
     q, k, v, mask = ctx.saved_tensors
     mask = mask if ctx.has_mask else None
     gq, gk, gv = tiled_attention_backward(grad.contiguous(), q, k, v, mask, *ctx.rest)
-    return gq, gk, gv, None, None, None, None, None, None, None, None, None, None, None, None
+    return (gq, gk, gv) + (None,) * 13
 
 
 tiled_attention.register_autograd(_backward, setup_context=_setup_context)

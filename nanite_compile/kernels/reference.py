@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .levels import EXACT, NONE, STATE, TileParams, build_levels, tile_density
+from .levels import EXACT, NONE, STATE, TileParams, build_levels, tile_density, tile_importance
 from .masks import BLOCKED_BELOW, read_mask
 
 __all__ = [
@@ -376,9 +376,13 @@ def tiled_attention(
     density = tile_density(kc, validp, T)
     jq0 = (nk - nq) // T
     q_tiles = torch.arange(jq0, mk, device=q.device)
+    importance = None
+    if params.sharpness > 0:
+        importance = tile_importance(q, kc, validp, T, scale, causal, nk,
+                                     chunk_bytes=max(chunk_bytes // 4, 2**20))
     levels = build_levels(
         density, q_tiles, params, causal=causal, window=window,
-        tile_valid=validp.reshape(b, mk, T).any(-1), nk=nk,
+        tile_valid=validp.reshape(b, mk, T).any(-1), nk=nk, importance=importance,
     )
     if params.state_features > 0 and feature_proj is None and bool((levels == STATE).any()):
         feature_proj = random_features(d, params.state_features, hkv, seed, q.device,

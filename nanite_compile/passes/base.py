@@ -103,6 +103,9 @@ class PassContext:
         plans: per-site overrides of tile parameters (site name -> dict).
         sites: report entries appended by the rewrite pass.
         counters: how many matches each pass found and rewrote (tests assert on these).
+        graph_index: how many graphs the backend compiled before this one.
+        site_tag: appended to each site name in the op's ``site`` argument
+            (``"@c3"``), so a cost model can address this conversion's sites.
     """
 
     config: NaniteConfig
@@ -111,6 +114,7 @@ class PassContext:
     sites: list = field(default_factory=list)
     counters: dict = field(default_factory=dict)
     graph_index: int = 0
+    site_tag: str = ""
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n

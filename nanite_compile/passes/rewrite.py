@@ -69,6 +69,7 @@ def site_params(ctx: PassContext, site: str) -> TileParams:
         budget=over.get("budget", cfg.budget),
         budget_reads=over.get("budget_reads", cfg.budget_reads),
         state_features=over.get("state_features", cfg.state_features),
+        sharpness=over.get("sharpness", cfg.sharpness),
     )
 
 
@@ -141,15 +142,21 @@ def _keep_node(node: fx.Node) -> bool:
 
 
 def plan_args(p: TileParams, seed: int, site: str) -> tuple:
-    """The op's scalar arguments after ``is_causal``, in schema order (None as -1 / 0)."""
+    """The op's scalar arguments after ``is_causal``, in schema order (None as -1 / 0).
+
+    ``site`` is the op's site key: the report name, plus ``@tag`` for a
+    conversion whose cost model may later set the site's plan by that key.
+    """
     return (p.tile, p.window, p.anchors, -1 if p.horizon is None else p.horizon, p.budget,
-            0 if p.budget_reads is None else p.budget_reads, p.state_features, seed, site)
+            0 if p.budget_reads is None else p.budget_reads, p.state_features, seed, site,
+            p.sharpness)
 
 
 def _plan_dict(p: TileParams) -> dict:
     return {
         "tile": p.tile, "window": p.window, "anchors": p.anchors, "horizon": p.horizon,
         "budget": p.budget, "budget_reads": p.budget_reads, "state_features": p.state_features,
+        "sharpness": p.sharpness,
     }
 
 
@@ -168,7 +175,7 @@ def _emit(gm: fx.GraphModule, m: AttentionMatch, p: TileParams, site: str, ctx: 
             scale = 1.0 / math.sqrt(int(d))
         new = graph.call_function(
             torch.ops.nanite.tiled_attention.default,
-            (q, k, v, mask, scale, bool(m.is_causal), *plan_args(p, ctx.config.seed, site)),
+            (q, k, v, mask, scale, bool(m.is_causal), *plan_args(p, ctx.config.seed, site + ctx.site_tag)),
         )
         if m.view_4d:
             new = graph.call_method("squeeze", (new, 0))

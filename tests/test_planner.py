@@ -1,0 +1,294 @@
+"""The cost model (``nanite_compile.planner``), the query-aware level rule, and
+calibrated conversion end to end on a tiny Llama."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nanite_compile
+from nanite_compile import NaniteConfig, planner
+from nanite_compile.kernels import cpu, ops
+from nanite_compile.kernels.levels import TileParams, tile_importance
+from nanite_compile.kernels.reference import exact_attention, tiled_attention
+
+transformers = pytest.importorskip("transformers")
+
+
+def params(budget=0.25, tile=16, sharpness=3.0, **kw):
+    base = dict(tile=tile, window=2, anchors=1, horizon=None, budget=budget, budget_reads=None,
+                state_features=16, sharpness=sharpness)
+    base.update(kw)
+    return TileParams(**base)
+
+
+def retrieval_qkv(n=512, d=16, h=4, hkv=2, seed=0, tile=16):
+    """Keys mostly noise; each query tile copies a run of keys from one far tile."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, h, n, d, generator=g) * 0.3
+    k = torch.randn(1, hkv, n, d, generator=g) * 0.3
+    v = torch.randn(1, hkv, n, d, generator=g)
+    G = h // hkv
+    for j in range(6, n // tile):
+        src = int(torch.randint(1, j - 3, (1,), generator=g)) * tile
+        for t in range(tile):
+            for hq in range(h):
+                q[0, hq, j * tile + t] = k[0, hq // G, src + t] * 8.0
+    return q, k, v
+
+
+# --- the query-aware estimate ---------------------------------------------------------
+
+
+def test_importance_is_a_distribution_over_visible_tiles():
+    q, k, v = retrieval_qkv(n=200)
+    T = 16
+    mk = -(-200 // T)
+    kp = torch.nn.functional.pad(k, (0, 0, 0, mk * T - 200))
+    valid = torch.arange(mk * T) < 200
+    imp = tile_importance(q, kp, valid[None], T, 0.25, True, 200)
+    assert imp.shape == (1, 2, mk, mk)
+    assert torch.allclose(imp.sum(-1), torch.ones(1, 2, mk), atol=1e-5)
+    future = torch.ones(mk, mk, dtype=torch.bool).triu(1)
+    assert float(imp[..., future].abs().max()) == 0.0
+
+
+def test_importance_finds_the_planted_tile():
+    """The tile holding the key a query copies gets the largest mass among middle tiles."""
+    g = torch.Generator().manual_seed(3)
+    n, d, T = 256, 16, 16
+    q = torch.randn(1, 1, n, d, generator=g) * 0.2
+    k = torch.randn(1, 1, n, d, generator=g) * 0.2
+    k[0, 0, 70, 0] = 2.0  # one loud key in tile 4 ...
+    q[0, 0, 240:, 0] = 3.0  # ... that the last tile's queries look for
+    imp = tile_importance(q, k, torch.ones(1, n, dtype=torch.bool), T, d**-0.5, True, n)
+    last = imp[0, 0, -1, 1:13]  # middle tiles of the last query tile
+    assert int(last.argmax()) + 1 == 70 // T
+
+
+def test_query_aware_rule_beats_density_over_distance_on_retrieval():
+    q, k, v = retrieval_qkv()
+    ref = exact_attention(q, k, v, None, 0.25, True)
+    errs = {}
+    for sharp in (0.0, 3.0):
+        out = tiled_attention(q, k, v, None, scale=0.25, is_causal=True,
+                              params=params(0.5, sharpness=sharp), fast=cpu)
+        errs[sharp] = float((out - ref).norm() / ref.norm())
+    assert errs[3.0] < 0.7 * errs[0.0], errs
+
+
+# --- allocation -----------------------------------------------------------------------
+
+
+def _curves(draw_errs, draw_reads, n_sites, n_b):
+    curves = []
+    for s in range(n_sites):
+        errs = sorted(draw_errs[s * n_b:(s + 1) * n_b], reverse=True)[: n_b - 1] + [0.0]
+        reads = sorted(draw_reads[s * n_b:(s + 1) * n_b])
+        exact = reads[-1]
+        curves.append(planner.SiteCurve(f"s{s}", [0.1 * (i + 1) for i in range(n_b - 1)] + [1.0],
+                                        errs, reads, exact))
+    return curves
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_sites=st.integers(1, 6),
+    n_b=st.integers(2, 5),
+    budget=st.floats(0.01, 1.0),
+    data=st.data(),
+)
+def test_allocation_never_exceeds_the_budget(n_sites, n_b, budget, data):
+    errs = data.draw(st.lists(st.floats(0.0, 2.0), min_size=n_sites * n_b, max_size=n_sites * n_b))
+    reads = data.draw(st.lists(st.floats(1.0, 1e6), min_size=n_sites * n_b, max_size=n_sites * n_b))
+    curves = _curves(errs, reads, n_sites, n_b)
+    plan = planner.allocate(curves, budget)
+    total = sum(c.exact_reads for c in curves)
+    cheapest = sum(min(c.reads) for c in curves)
+    if cheapest <= budget * total:
+        assert plan.reads <= budget * total * (1 + 1e-9)
+    else:  # nothing fits: every site at its cheapest
+        assert plan.reads == pytest.approx(cheapest)
+    # and the choice is no worse than the cheapest-everywhere plan it could always take
+    worst = sum(c.errors[min(range(n_b), key=lambda i: c.reads[i])] ** 2 for c in curves)
+    assert sum(p.error ** 2 for p in plan.sites.values()) <= worst + 1e-12
+
+
+def test_more_budget_never_raises_the_planned_error():
+    g = torch.Generator().manual_seed(0)
+    curves = []
+    for s in range(8):
+        scale = float(torch.rand(1, generator=g)) * 0.5
+        budgets = list(planner.LADDER) + [1.0]
+        errs = [scale * (1 - b) ** 2 for b in budgets]
+        curves.append(planner.SiteCurve(f"s{s}", budgets, errs, [b * 1000 for b in budgets], 1000))
+    prev = math.inf
+    for b in (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0):
+        plan = planner.allocate(curves, b)
+        total = sum(p.error ** 2 for p in plan.sites.values())
+        assert total <= prev + 1e-12
+        prev = total
+    assert prev == 0.0  # budget 1.0: everything exact
+
+
+def test_sites_that_need_more_get_more():
+    """A site whose error falls fast with budget gets more than one that hardly cares."""
+    budgets = list(planner.LADDER) + [1.0]
+    steep = planner.SiteCurve("steep", budgets, [0.8 * (1 - b) for b in budgets],
+                              [b * 1000 for b in budgets], 1000)
+    flat = planner.SiteCurve("flat", budgets, [0.02 * (1 - b) for b in budgets],
+                             [b * 1000 for b in budgets], 1000)
+    plan = planner.allocate([steep, flat], 0.3)
+    assert plan.sites["steep"].budget > plan.sites["flat"].budget
+    assert plan.reads <= 0.3 * 2000
+
+
+def test_max_error_keeps_a_hopeless_site_exact():
+    budgets = list(planner.LADDER) + [1.0]
+    bad = planner.SiteCurve("bad", budgets, [0.9] * (len(budgets) - 1) + [0.0],
+                            [b * 1000 for b in budgets], 1000)
+    good = planner.SiteCurve("good", budgets, [0.3 * (1 - b) for b in budgets],
+                             [b * 1000 for b in budgets], 1000)
+    free = planner.allocate([bad, good], 0.4)
+    assert free.sites["bad"].budget < 1.0  # exact does not fit: the plain knapsack gives up on it
+    plan = planner.allocate([bad, good], 0.4, max_error=0.5)
+    assert plan.sites["bad"].budget == 1.0 and "max_error 0.5" in plan.sites["bad"].kept_exact
+    assert plan.sites["good"].budget == min(planner.LADDER)  # what is left goes to the rest
+    assert plan.sites["good"].kept_exact == ""
+    assert plan.realised > 0.4  # the bound wins over the budget, and the plan says so
+
+
+def test_measured_error_falls_with_budget():
+    """On a fixed input, more budget never increases the measured error (within noise)."""
+    q, k, v = retrieval_qkv(seed=5)
+    curve = planner.measure_site("s", [(q, k, v, None, 0.25, True)], params(), ladder=(0.1, 0.2, 0.35, 0.6))
+    assert curve.errors[-1] == 0.0
+    for a, b in zip(curve.errors, curve.errors[1:], strict=False):
+        assert b <= a + 0.02, curve.errors
+    for a, b in zip(curve.reads, curve.reads[1:], strict=False):
+        assert b >= a - 1e-6, curve.reads
+    assert curve.reads[-1] == pytest.approx(curve.exact_reads)
+
+
+# --- the op's per-site plans ----------------------------------------------------------
+
+
+def test_site_plans_override_the_graph_plan():
+    q, k, v = retrieval_qkv(n=256)
+    args = (q, k, v, None, 0.25, True, 16, 2, 1, -1, 0.2, 0, 16, 0)
+    with ops.recording() as rec:
+        cheap = torch.ops.nanite.tiled_attention(*args, "x@t1")
+        ops.set_site_plans({"x@t1": params(1.0)})
+        try:
+            exact_now = torch.ops.nanite.tiled_attention(*args, "x@t1")
+        finally:
+            ops.drop_site_plans(["x@t1"])
+    ref = exact_attention(q, k, v, None, 0.25, True)
+    assert not torch.allclose(cheap, ref, atol=1e-4)
+    torch.testing.assert_close(exact_now, ref)
+    assert [r["path"] for r in rec["x"]] == ["tiled", "exact"]  # recorded under the name
+
+
+def test_collecting_returns_exact_and_keeps_inputs():
+    q, k, v = retrieval_qkv(n=128)
+    with ops.collecting(max_calls=2) as got:
+        outs = [torch.ops.nanite.tiled_attention(q, k, v, None, 0.25, True, 16, 2, 1, -1, 0.1, 0,
+                                                 16, 0, "y@t2") for _ in range(3)]
+    torch.testing.assert_close(outs[0], exact_attention(q, k, v, None, 0.25, True))
+    assert len(got["y"]) == 2 and got["y"][0][0] is not None
+
+
+# --- calibrated conversion ------------------------------------------------------------
+
+VOCAB = 96
+
+
+def tiny_llama(layers=3):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def ids(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (1, n), generator=g)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    model = tiny_llama()
+    cfg = NaniteConfig(tile=16, budget=0.3)
+    calib = [ids(384, 1), ids(384, 2)]
+    conv = nanite_compile.convert(model, config=cfg, calibration=calib)
+    return model, cfg, calib, conv
+
+
+def test_calibration_plans_every_site_within_the_budget(calibrated):
+    model, cfg, calib, conv = calibrated
+    state = conv.__dict__["_nanite_state"]
+    rep = nanite_compile.report(conv)
+    rewritten = [s for s in rep.sites if s.status == "rewritten"]
+    assert len(rewritten) == 3
+    assert set(state.plan.sites) == {s.site for s in rewritten}
+    for s in rewritten:
+        assert "calibration_error" in s.plan and "budget_share" in s.plan
+        assert s.plan["budget"] == state.plan.sites[s.site].budget
+    assert state.plan.reads <= 0.3 * state.plan.exact_reads + 1e-6
+    assert any("cost model" in n for n in rep.notes)
+    # the plan is what runs: the measured reads follow each site's own budget
+    budgets = {s.site: s.plan["budget"] for s in rewritten}
+    if len(set(budgets.values())) > 1:
+        lo = min(budgets, key=budgets.get)
+        hi = max(budgets, key=budgets.get)
+        by = {s.site: s for s in rewritten}
+        assert by[lo].reads_per_query <= by[hi].reads_per_query
+
+
+def test_calibration_is_deterministic(calibrated):
+    model, cfg, calib, conv = calibrated
+    again = nanite_compile.convert(model, config=cfg, calibration=calib)
+    a = {s.site: s.plan for s in nanite_compile.report(conv).sites}
+    b = {s.site: s.plan for s in nanite_compile.report(again).sites}
+    assert a == b
+    x = ids(300, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x).logits, again(x).logits, rtol=0, atol=0)
+
+
+def test_a_saved_plan_reproduces_the_outputs(calibrated, tmp_path):
+    model, cfg, calib, conv = calibrated
+    nanite_compile.save(conv, tmp_path)
+    loaded = nanite_compile.load(tmp_path, model)  # no calibration: the saved plans apply
+    x = ids(300, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, conv(x).logits, rtol=0, atol=0)
+    assert [s.plan for s in nanite_compile.report(loaded).sites] == \
+        [s.plan for s in nanite_compile.report(conv).sites]
+
+
+def test_two_conversions_keep_their_own_plans(calibrated):
+    """Site plans are keyed per conversion: a second, uniform conversion is unaffected."""
+    model, cfg, calib, conv = calibrated
+    uniform = nanite_compile.convert(model, config=cfg)
+    for s in nanite_compile.report(uniform).sites:
+        assert s.plan["budget"] == 0.3 and "calibration_error" not in s.plan
+
+
+def test_bad_calibration_is_refused():
+    model = tiny_llama(1)
+    with pytest.raises(ValueError, match="empty"):
+        nanite_compile.convert(model, calibration=[])
+    with pytest.raises(TypeError, match="token ids"):
+        nanite_compile.convert(model, calibration=["some text"])
+    with pytest.raises(ValueError, match=r"\[B, N\]"):
+        nanite_compile.convert(model, calibration=torch.tensor(3))
+    with pytest.raises(ValueError, match="max_error"):
+        NaniteConfig(max_error=-1.0)
+    with pytest.raises(ValueError, match="sharpness"):
+        NaniteConfig(sharpness=-2)
