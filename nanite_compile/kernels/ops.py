@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 
 from . import cpu as _cpu
+from . import decode as _decode
 from .levels import TileParams
 from .reference import exact_attention, tiled_attention as _tiled_reference
 
@@ -194,10 +195,20 @@ def tiled_attention(
     site = site_name(site)
     store = _RECORDER.get()
     stats: dict | None = {} if store is not None else None
-    out = _tiled_reference(
-        q, k, v, attn_mask, scale=scale, is_causal=is_causal, params=params, seed=seed,
-        stats=stats, fast=_fast_path(q),
-    ).contiguous()
+    # one query whose k/v a bounded generation cache handed over (kernels/decode.py):
+    # its counts and state come from the cache, the mask from the cache's own validity
+    compressed = _decode.lookup(q, k, v) if q.shape[2] == 1 else None
+    if compressed is not None:
+        out = _decode.decode_attention(q, compressed, scale).contiguous()
+        if stats is not None:
+            stats.update(path="decode", reason="bounded generation cache",
+                         reads_per_query=float(k.shape[2]) + (
+                             compressed.state_z.shape[-1] if compressed.state_z is not None else 0))
+    else:
+        out = _tiled_reference(
+            q, k, v, attn_mask, scale=scale, is_causal=is_causal, params=params, seed=seed,
+            stats=stats, fast=_fast_path(q),
+        ).contiguous()
     if store is not None:
         rec = {
             "path": stats.get("path"),
