@@ -5,6 +5,7 @@ level-of-detail attention under a compute budget.
     print(nanite_compile.report(converted))
     nanite_compile.save(converted, "out/")            # JSON + safetensors, no pickle
     converted = nanite_compile.load("out/", model)   # checked against the model
+    nanite_compile.generate(converted, ids, max_new_tokens=64)  # cache bounded by the plan
 
 or ``torch.compile(model, backend="nanite", options={"budget": 0.25})``.
 Importing this package imports neither Triton nor CUDA.
@@ -12,6 +13,7 @@ Importing this package imports neither Triton nor CUDA.
 
 from .api import convert, report
 from .config import NaniteConfig
+from .generation import NaniteCache, generate
 from .io import NaniteLoadError, load, save
 from .report import RewriteReport, SiteReport
 
@@ -21,6 +23,8 @@ __all__ = [
     "save",
     "load",
     "NaniteConfig",
+    "NaniteCache",
+    "generate",
     "NaniteLoadError",
     "RewriteReport",
     "SiteReport",

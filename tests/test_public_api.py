@@ -12,6 +12,8 @@ PUBLIC = [
     "save",
     "load",
     "NaniteConfig",
+    "NaniteCache",
+    "generate",
     "NaniteLoadError",
     "RewriteReport",
     "SiteReport",
