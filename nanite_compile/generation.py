@@ -47,22 +47,36 @@ with a `NaniteCache` gives, for the last query of every step, the output of
 table (tests/test_generation.py checks it).
 
 **Wiring.** The attention module calls ``cache.update(k, v, layer_idx)`` and
-then ``torch.ops.nanite.tiled_attention(q, k, v, mask, ...)``. For one new
-token ``update`` (run outside Dynamo's trace) returns the layer's compressed
-keys and values ``[anchors | summaries | near field]`` and registers its
-counts and state with ``kernels/decode.py``; the op finds them from the key
-tensor it receives and runs the one-query formula there (the Hugging Face
-mask, sized to the compressed length by `NaniteCache.get_mask_sizes`, is not
-read: the cache keeps its own key validity, taken from the ``attention_mask``
-the model is called with, so left padding works and summaries count valid
-tokens only). ``get_seq_length`` stays the number of tokens seen, so
-positions and RoPE are right. A prompt (``Nq > 1``) on an empty cache runs
-the op's normal path on the whole prompt, then the compressed cache is built
-from the prompt's keys and values.
+then ``torch.ops.nanite.tiled_attention(q, k, v, mask, ...)``.
+``NaniteCache.update`` is one registered op, ``nanite::cache_update``, so
+Dynamo traces the captured attention through it without a graph break (a
+break makes Dynamo share the resume frame among the layers' captures, and
+past its recompile limit, 8, the later layers would run uncompiled, i.e. the
+original attention on compressed keys). The op's real implementation updates
+the cache the model call is running with (the model's forward hooks make it
+the active one); its fake returns the prompt's shape for a prompt and, for
+one token, the compressed length the layer announced beforehand as the shape
+of a data-less ``[0, Nc]`` tensor (``next_shape``), so no shape depends on
+data. For one new token it returns the layer's compressed keys and values
+``[anchors | summaries | near field]`` and registers their counts and state
+with ``kernels/decode.py``; the tiled op finds them from the key tensor it
+receives (or a GQA head-repeated copy of it) and runs the one-query formula.
+The Hugging Face mask covers only the new token (`NaniteCache.get_mask_sizes`
+returns ``(1, seen)``): it is all-True in generation, so Hugging Face passes
+none, whatever each layer's compressed length, and the cache keeps its own
+key validity, taken from the ``attention_mask`` the model is called with (left
+padding works; summaries count valid tokens only). ``get_seq_length`` stays
+the number of tokens seen, so positions and RoPE are right. A prompt
+(``Nq > 1``) on an empty cache runs the op's normal path on the whole prompt,
+then the compressed cache is built from the prompt's keys and values; more
+than one token after that (assisted or chunked decoding) is refused.
 
 At budget 1.0 (no ``budget_reads``) the schedule keeps every tile exact and
-the cache behaves as Hugging Face's ``DynamicCache``; greedy tokens equal the
-original model's.
+the cache behaves as Hugging Face's ``DynamicCache`` (full keys and values,
+the op's exact path); greedy tokens equal the original model's. A converted
+model's plain ``generate()`` (no cache passed) keeps using ``DynamicCache``:
+the bounded cache is opt-in, because below budget 1.0 it changes the
+attention of decode steps (they read the pooled past, as a prefill would).
 """
 
 from __future__ import annotations
