@@ -801,4 +801,4 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, context: int | None =
     if context is None and isinstance(kwargs.get("max_new_tokens"), int):
         context = input_ids.shape[1] + kwargs["max_new_tokens"]
     cache = NaniteCache(model, context=context)
-    return model.generate(input_ids, past_key_values=cache, **kwargs)
+    return model.generate(input_ids, cache=cache, **kwargs)  # transformers 5: cache=
