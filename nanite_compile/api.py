@@ -43,7 +43,8 @@ _UNSET: Any = object()
 _PROBE_TOKENS = 1024  # the probe that measures each site
 _CAPTURE_TOKENS = 160  # the probe that finds and captures the sites
 _MAX_LIFTS = 3  # how many levels up a capture may move to keep attention weights inside
-_CALIBRATION_SAMPLES = 4  # input samples per site the cost model measures
+_CALIBRATION_SAMPLES = 4  # input samples per site the cost model measures ...
+_PLAN_QUERIES = 8192  # ... until this many queries (per batch row) are covered
 _CONVERSIONS = itertools.count()
 
 # functions whose caller is an attention candidate
@@ -472,7 +473,7 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
             else:
                 converted(ids)
     index = _site_index(state)
-    collected = {s: v for s, v in got.items() if s in index}
+    collected = {s: _enough(v) for s, v in got.items() if s in index}
     if not collected:
         state.notes.append("calibration: no rewritten site was called; plans left uniform")
         return
@@ -493,6 +494,17 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
         f"x{plan.realised:.3f} of the original (budget {plan.budget:g})"
         + (f"; kept exact by max_error: {', '.join(exact)}" if exact else "")
     )
+
+
+def _enough(samples: list[tuple]) -> list[tuple]:
+    """The first samples that cover ``_PLAN_QUERIES`` query positions (at least one)."""
+    out, n = [], 0
+    for smp in samples:
+        if out and n >= _PLAN_QUERIES:
+            break
+        out.append(smp)
+        n += int(smp[0].shape[2])
+    return out
 
 
 def _progress(items, desc: str, total: int | None = None):

@@ -29,7 +29,7 @@ from .kernels.levels import TileParams
 from .kernels.reference import exact_attention, tiled_attention
 
 # the budget ladder tried per site (1.0 = exact is always a candidate)
-LADDER = (0.04, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)
+LADDER = (0.05, 0.1, 0.15, 0.25, 0.4, 0.6)
 
 
 @dataclass
@@ -119,13 +119,14 @@ def measure_site(
         ref_sq += float(ref.pow(2).sum())
         nq = q.shape[0] * q.shape[1] * q.shape[2]
         exact_here = None
+        reuse: dict = {}  # density and mass estimate, shared by the ladder's budgets
         for i, b in enumerate(budgets):
             if b >= 1.0:
                 continue
             st: dict = {}
             out = tiled_attention(q, k, v, mask, scale=scale, is_causal=causal,
                                   params=_with_budget(params, b), seed=seed, stats=st,
-                                  fast=_cpu).float()
+                                  fast=_cpu, reuse=reuse).float()
             sq_err[i] += float((out - ref).pow(2).sum())
             er = st.get("exact_reads_per_query")
             if st.get("path") == "tiled":
