@@ -97,7 +97,7 @@ class NaniteConfig:
     anchors: int = 1
     horizon: int | None = None
     state_features: int = 64
-    sharpness: float = 3.0
+    sharpness: float = 4.0
     max_error: float | None = None
     feature_map: str = "prf"
     seed: int = 0
@@ -120,7 +120,7 @@ class NaniteConfig:
         _check_int("chunk_bytes", self.chunk_bytes, 2**16)
         if isinstance(self.sharpness, bool) or not isinstance(self.sharpness, (int, float)) \
                 or not (0.0 <= float(self.sharpness) <= 16.0):
-            raise ValueError(f"sharpness must be a number in [0, 16] (default 3.0), got {self.sharpness!r}")
+            raise ValueError(f"sharpness must be a number in [0, 16] (default 4.0), got {self.sharpness!r}")
         object.__setattr__(self, "sharpness", float(self.sharpness))
         if self.max_error is not None:
             if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) \

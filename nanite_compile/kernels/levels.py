@@ -38,7 +38,7 @@ class TileParams:
     budget: float
     budget_reads: int | None
     state_features: int
-    sharpness: float = 3.0
+    sharpness: float = 4.0
 
     @property
     def max_pool(self) -> int:
