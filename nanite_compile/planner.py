@@ -102,6 +102,10 @@ def measure_site(
 ) -> SiteCurve:
     """Error and reads of one site at each budget of ``ladder`` (and 1.0), on its samples.
 
+    Each candidate's budget in the result is the share of reads it realised
+    (at least its nominal budget), so a plan made at one length spends the
+    same share at another.
+
     Args:
         site: the site's name.
         samples: ``(q, k, v, attn_mask, scale, is_causal)`` tuples the site was called with.
@@ -142,6 +146,13 @@ def measure_site(
     reads = [r if not math.isnan(r) else exact_total for r in reads]
     errors = [math.sqrt(e / ref_sq) if ref_sq > 0 else 0.0 for e in sq_err]
     errors[-1] = 0.0
+    # A candidate is labelled with the share of reads it really spent: at the
+    # calibration length a small budget can be all mandatory reads (near field,
+    # anchors, one summary per tile), and the plan must spend the same share at
+    # any other length, not the smaller nominal one.
+    if exact_total > 0:
+        budgets = [min(1.0, max(b, round(r / exact_total, 4))) for b, r in
+                   zip(budgets, reads, strict=True)]
     return SiteCurve(site, budgets, errors, reads, exact_total)
 
 

@@ -85,10 +85,10 @@ def record_levels(converted: nn.Module, calibration: Any = None) -> dict[str, to
     model. Sites that ran exact have no table. Returns ``{}`` when no input
     can be made up (a plain module without calibration).
     """
-    from .api import _probe_inputs
+    from .api import _calibration_batches, _probe_inputs
     from .kernels.ops import recording
 
-    probe = _probe_inputs(converted, calibration)
+    probe = _probe_inputs(converted, _calibration_batches(calibration))
     if probe is None:
         return {}
     args, kwargs = probe

@@ -308,3 +308,13 @@ def test_sampled_queries_estimate_the_same_mass():
     # decode: one query still gets its row
     one = tile_importance(q[:, :, -1:], kp, valid, T, 0.25, True, 300, stride=4)
     assert one.shape == (1, 2, 1, mk) and float(one.sum()) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_candidates_are_labelled_with_the_share_they_spend():
+    """At a short calibration length small budgets are all mandatory reads; the plan
+    records what they really spend, so the same plan keeps its share at longer inputs."""
+    q, k, v = retrieval_qkv(n=160, seed=2)
+    curve = planner.measure_site("s", [(q, k, v, None, 0.25, True)], params(), ladder=(0.05, 0.1, 0.5))
+    for b, r in zip(curve.budgets, curve.reads, strict=True):
+        assert b >= r / curve.exact_reads - 1e-3
+    assert curve.budgets[0] > 0.05  # near field + anchor + summaries cost more than 5% here
