@@ -77,6 +77,31 @@ def _next_pow2(x: int, least: int = 16) -> int:
     return max(least, 1 << max(0, int(x - 1).bit_length()))
 
 
+def _dot_operand(x, HALF_DOT: tl.constexpr, EMULATE_HALF: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``x`` as a dot operand: half precision when asked (rounded, then back to fp32 under
+    the interpreter, whose half dot is wrong), else as is."""
+    if HALF_DOT:
+        x = x.to(DOT_DTYPE)
+        if EMULATE_HALF:
+            x = x.to(tl.float32)
+    return x
+
+
+def _absorb(s, vv, m_i, l_i, acc, HALF_DOT: tl.constexpr, EMULATE_HALF: tl.constexpr,
+            DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step: fold the scores ``s`` [BM, BE] and values ``vv`` into
+    the running max ``m_i``, normaliser ``l_i`` and accumulator ``acc``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = _dot_operand(p, HALF_DOT, EMULATE_HALF, DOT_DTYPE)
+    vv = _dot_operand(vv, HALF_DOT, EMULATE_HALF, DOT_DTYPE)
+    acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 def tiled_attn_fwd_kernel(
     Q, BANK_K, BANK_V, BANK_LC, IDX, CNT, W, S_ROW, Z_ROW, CK, OUT,
     scale, sqrt_scale, half_log_f,
@@ -108,11 +133,7 @@ def tiled_attn_fwd_kernel(
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
         + qi[:, None].to(tl.int64) * stride_qn + dd[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BM, BD]
-    q_dot = q
-    if HALF_DOT:  # half-precision operands, fp32 accumulation
-        q_dot = q.to(DOT_DTYPE)
-        if EMULATE_HALF:  # the interpreter's half dot is wrong: same rounding, fp32 dot
-            q_dot = q_dot.to(tl.float32)
+    q_dot = _dot_operand(q, HALF_DOT, EMULATE_HALF, DOT_DTYPE)  # fp32 accumulation always
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -131,26 +152,11 @@ def tiled_attn_fwd_kernel(
         vv = tl.load(vbase + kpos[:, None] * DV + dvv[None, :],
                      mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # [BM, BDV]
         lc = tl.load(lcbase + kpos, mask=c_ok, other=float("-inf"))  # [BM]
-        if HALF_DOT:
-            k = k.to(DOT_DTYPE)
-            if EMULATE_HALF:
-                k = k.to(tl.float32)
+        k = _dot_operand(k, HALF_DOT, EMULATE_HALF, DOT_DTYPE)
         s = tl.dot(q_dot, tl.trans(k), input_precision=PRECISION) * scale + lc[None, :]
         s = tl.where(c[None, :] <= r[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HALF_DOT:
-            p = p.to(DOT_DTYPE)
-            if EMULATE_HALF:
-                p = p.to(tl.float32)
-            vv = vv.to(DOT_DTYPE)
-            if EMULATE_HALF:
-                vv = vv.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _absorb(s, vv, m_i, l_i, acc, HALF_DOT, EMULATE_HALF, DOT_DTYPE,
+                                PRECISION)
 
     if USE_ENTRIES:
         row = bh * MQ + j
@@ -165,25 +171,10 @@ def tiled_attn_fwd_kernel(
                         mask=e_ok[:, None] & d_ok[None, :], other=0.0)  # [BE, BD]
             vv = tl.load(vbase + ix[:, None] * DV + dvv[None, :],
                          mask=e_ok[:, None] & dv_ok[None, :], other=0.0)  # [BE, BDV]
-            if HALF_DOT:
-                k = k.to(DOT_DTYPE)
-                if EMULATE_HALF:
-                    k = k.to(tl.float32)
+            k = _dot_operand(k, HALF_DOT, EMULATE_HALF, DOT_DTYPE)
             s = tl.dot(q_dot, tl.trans(k), input_precision=PRECISION) * scale + lc[None, :]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if HALF_DOT:
-                p = p.to(DOT_DTYPE)
-                if EMULATE_HALF:
-                    p = p.to(tl.float32)
-                vv = vv.to(DOT_DTYPE)
-                if EMULATE_HALF:
-                    vv = vv.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _absorb(s, vv, m_i, l_i, acc, HALF_DOT, EMULATE_HALF, DOT_DTYPE,
+                                    PRECISION)
 
     if USE_STATE:
         # log phi(q)_f = sqrt(s) q.W_f - s|q|^2/2 - log(F)/2 + c (keys' stabiliser)
@@ -225,8 +216,11 @@ def _kernel():
     interpreter (its ``tl`` library functions are jitted at import), so the
     mode is whatever the process started with.
     """
-    global _KERNEL
+    global _KERNEL, _dot_operand, _absorb
     if _KERNEL is None:
+        # the kernel's helpers are module globals: jitted first, so it calls the jitted ones
+        _dot_operand = triton.jit(_dot_operand)
+        _absorb = triton.jit(_absorb)
         _KERNEL = triton.jit(tiled_attn_fwd_kernel)
     return _KERNEL
 
