@@ -575,6 +575,8 @@ def _convert(model: nn.Module, *, budget: Any = _UNSET, calibration: Any = None,
     _capture(converted, state, *_shortened(probe))
     if plans:
         _apply_plans(state, plans)
+    elif batches is not None and cfg.budget_reads is not None:
+        state.notes.append("cost model not run: budget_reads fixes every site's reads per query")
     elif batches is not None and cfg.budget < 1.0:
         _calibrate(converted, state, batches)
     _measure(converted, state, *probe)

@@ -318,3 +318,14 @@ def test_candidates_are_labelled_with_the_share_they_spend():
     for b, r in zip(curve.budgets, curve.reads, strict=True):
         assert b >= r / curve.exact_reads - 1e-3
     assert curve.budgets[0] > 0.05  # near field + anchor + summaries cost more than 5% here
+
+
+def test_budget_reads_skips_the_cost_model():
+    """An absolute budget per query is already per site: calibration does not re-plan it."""
+    model = tiny_llama(1)
+    conv = nanite_compile.convert(model, config=NaniteConfig(tile=16, budget_reads=64),
+                                  calibration=[ids(200, 4)])
+    rep = nanite_compile.report(conv)
+    assert any("budget_reads" in n for n in rep.notes)
+    assert all("calibration_error" not in s.plan for s in rep.sites)
+    assert conv.__dict__["_nanite_state"].plan is None
