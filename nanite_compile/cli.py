@@ -36,6 +36,8 @@ _CONFIG_OPTIONS = [
     ("anchors", int, "leading 'attention sink' tiles (always exact)"),
     ("horizon", int, "most tiles seen beyond near field and anchors before the state"),
     ("state_features", int, "width of the recurrent state's feature map (0: no state)"),
+    ("sharpness", float, "how sharply tile reads follow the estimated attention mass (0: old rule)"),
+    ("max_error", float, "with --calibration: keep a site exact if its error stays above this"),
     ("seed", int, "seed of the random features"),
     ("impl", str, "operator implementation: auto, torch or triton"),
     ("chunk_bytes", int, "scratch memory bound of one chunk of query tiles"),
