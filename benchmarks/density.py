@@ -126,6 +126,7 @@ def pooling_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 def proxies(q, k, v, scale: float, tile: int, proj: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
     """Every proxy as ``[Hkv, m, m]`` (per-tile ones broadcast over query tiles), with its kind."""
     from nanite_compile import density as dn
+    from nanite_compile.kernels.levels import tile_importance
 
     m = k.shape[2] // tile
     j = torch.arange(m)[:, None]
@@ -141,6 +142,9 @@ def proxies(q, k, v, scale: float, tile: int, proj: torch.Tensor) -> dict[str, t
     mass = dn.attention_mass(q, k, tile, scale)[0].double()
     est = dn.tile_mass_estimate(q, k, tile, scale)[0].double()
     quest = dn.quest_bound(q, k, tile, scale)[0].double()
+    n = k.shape[2]
+    rule = tile_importance(q, k, torch.ones(1, n, dtype=torch.bool), tile, scale, True, n,
+                           stride=max(1, tile // 8))[0].double()
     return {
         "key disp": (RUNTIME, kd),
         "value disp": (RUNTIME, vd),
@@ -148,6 +152,7 @@ def proxies(q, k, v, scale: float, tile: int, proj: torch.Tensor) -> dict[str, t
         "mass (exact)": (ORACLE, mass),
         "mass est": (RUNTIME, est),
         "quest bound": (RUNTIME, quest),
+        "rule estimate": (RUNTIME, rule),
         "mass x key disp": (ORACLE, mass * kd),
         "mass x value disp": (ORACLE, mass * vd),
         "est x key disp": (RUNTIME, est * kd),

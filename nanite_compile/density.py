@@ -55,10 +55,11 @@ def tile_means(x: torch.Tensor, tile: int) -> torch.Tensor:
 
 
 def _dispersion(x: torch.Tensor, tile: int) -> torch.Tensor:
-    xt, cnt = _tiles(x, tile)
-    mean = xt.sum(3, keepdim=True) / cnt[:, None, None]
-    w = _valid(x.shape[2], tile, x.device).to(x.dtype)[..., None]
-    return (((xt - mean) ** 2) * w).sum((3, 4)) / cnt
+    """The level rule's `tile_dispersion` on unpadded ``[B, H, N, D]``."""
+    from .kernels.levels import tile_dispersion
+
+    xt, _ = _tiles(x, tile)
+    return tile_dispersion(xt.flatten(2, 3), _valid(x.shape[2], tile, x.device).flatten(), tile)
 
 
 def key_dispersion(k: torch.Tensor, tile: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ kept exact; the others share what remains. Everything returned is plain data
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,12 +87,6 @@ class Plan:
         return self.reads / self.exact_reads if self.exact_reads else 1.0
 
 
-def _with_budget(p: TileParams, budget: float) -> TileParams:
-    return TileParams(tile=p.tile, window=p.window, anchors=p.anchors, horizon=p.horizon,
-                      budget=budget, budget_reads=None, state_features=p.state_features,
-                      sharpness=p.sharpness)
-
-
 def measure_site(
     site: str,
     samples: Sequence[tuple],
@@ -129,7 +124,7 @@ def measure_site(
                 continue
             st: dict = {}
             out = tiled_attention(q, k, v, mask, scale=scale, is_causal=causal,
-                                  params=_with_budget(params, b), seed=seed, stats=st,
+                                  params=dataclasses.replace(params, budget=b, budget_reads=None), seed=seed, stats=st,
                                   fast=_cpu, reuse=reuse).float()
             sq_err[i] += float((out - ref).pow(2).sum())
             er = st.get("exact_reads_per_query")
