@@ -368,25 +368,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speed_script() -> Path | None:
+def _benchmark_script(name: str) -> Path | None:
+    """``benchmarks/<name>.py`` of the source checkout (not installed with the package)."""
     for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        p = root / "benchmarks" / "speed.py"
+        p = root / "benchmarks" / f"{name}.py"
         if p.is_file():
             return p
     return None
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    script = _speed_script()
+def _run_benchmark(command: str, name: str, args: argparse.Namespace) -> int:
+    """Run ``benchmarks/<name>.py``'s ``main`` with the arguments after ``--``."""
+    script = _benchmark_script(name)
     if script is None:
         raise CliError(
-            "bench runs benchmarks/speed.py, which is not installed with the package: run it "
-            "from a source checkout of nanite_compile (git clone, then pip install -e .)"
+            f"{command} runs benchmarks/{name}.py, which is not installed with the package: run "
+            "it from a source checkout of nanite_compile (git clone, then pip install -e .)"
         )
     rest = list(args.args)
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    spec = importlib.util.spec_from_file_location("nanite_bench_speed", script)
+    spec = importlib.util.spec_from_file_location(f"nanite_bench_{name}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not callable(getattr(module, "main", None)):
@@ -395,29 +397,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else 0
 
 
-def _quality_script() -> Path | None:
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        p = root / "benchmarks" / "quality.py"
-        if p.is_file():
-            return p
-    return None
+def _cmd_bench(args: argparse.Namespace) -> int:
+    return _run_benchmark("bench", "speed", args)
 
 
 def _cmd_quality(args: argparse.Namespace) -> int:
-    script = _quality_script()
-    if script is None:
-        raise CliError(
-            "quality runs benchmarks/quality.py, which is not installed with the package: run it "
-            "from a source checkout of nanite_compile (git clone, then pip install -e .)"
-        )
-    rest = list(args.args)
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
-    spec = importlib.util.spec_from_file_location("nanite_bench_quality", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(rest)
-    return result if isinstance(result, int) else 0
+    return _run_benchmark("quality", "quality", args)
 
 
 # ------------------------------------------------------------------ parser

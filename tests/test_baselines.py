@@ -289,6 +289,6 @@ def test_cli_quality_runs_the_quality_script(capsys, monkeypatch):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--methods" in out and "--budgets" in out
-    monkeypatch.setattr(cli, "_quality_script", lambda: None)
+    monkeypatch.setattr(cli, "_benchmark_script", lambda name: None)
     assert cli.main(["quality"]) == 2
     assert "benchmarks/quality.py" in capsys.readouterr().err

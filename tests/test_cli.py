@@ -227,7 +227,7 @@ def test_bench_runs_the_speed_script(capsys, monkeypatch):
         cli.main(["bench", "--", "--help"])
     assert e.value.code == 0
     assert "--lengths" in capsys.readouterr().out
-    monkeypatch.setattr(cli, "_speed_script", lambda: None)
+    monkeypatch.setattr(cli, "_benchmark_script", lambda name: None)
     rc, _, err = run(capsys, "bench")
     assert_one_line_error(rc, err, "benchmarks/speed.py", "source checkout")
 
