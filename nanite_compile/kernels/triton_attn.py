@@ -142,38 +142,41 @@ def tiled_attn_fwd_kernel(
     vbase = BANK_V + bh * NB * DV
     lcbase = BANK_LC + b.to(tl.int64) * NB
 
+    # Each block names its own tiles (kd/ke, vd/ve, ...): compiled Triton treats a name
+    # assigned before a loop and again inside it as loop-carried, and the diagonal
+    # tile [BM, .] and an entry block [BE, .] differ in shape.
     if USE_DIAG:
         # own tile, level-0 bank rows (zeroed where padded, bias -inf there)
         c = tl.arange(0, BM)
         kpos = (JQ0 + j) * T + c
         c_ok = c < T
-        k = tl.load(kbase + kpos[:, None] * D + dd[None, :],
-                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
-        vv = tl.load(vbase + kpos[:, None] * DV + dvv[None, :],
+        kd = tl.load(kbase + kpos[:, None] * D + dd[None, :],
+                     mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
+        vd = tl.load(vbase + kpos[:, None] * DV + dvv[None, :],
                      mask=c_ok[:, None] & dv_ok[None, :], other=0.0)  # [BM, BDV]
-        lc = tl.load(lcbase + kpos, mask=c_ok, other=float("-inf"))  # [BM]
-        k = _dot_operand(k, HALF_DOT, EMULATE_HALF, DOT_DTYPE)
-        s = tl.dot(q_dot, tl.trans(k), input_precision=PRECISION) * scale + lc[None, :]
-        s = tl.where(c[None, :] <= r[:, None], s, float("-inf"))
-        m_i, l_i, acc = _absorb(s, vv, m_i, l_i, acc, HALF_DOT, EMULATE_HALF, DOT_DTYPE,
+        lcd = tl.load(lcbase + kpos, mask=c_ok, other=float("-inf"))  # [BM]
+        kd = _dot_operand(kd, HALF_DOT, EMULATE_HALF, DOT_DTYPE)
+        sd = tl.dot(q_dot, tl.trans(kd), input_precision=PRECISION) * scale + lcd[None, :]
+        sd = tl.where(c[None, :] <= r[:, None], sd, float("-inf"))
+        m_i, l_i, acc = _absorb(sd, vd, m_i, l_i, acc, HALF_DOT, EMULATE_HALF, DOT_DTYPE,
                                 PRECISION)
 
     if USE_ENTRIES:
-        row = bh * MQ + j
-        n_e = tl.load(CNT + row)
-        ibase = IDX + row * P
+        erow = bh * MQ + j
+        n_e = tl.load(CNT + erow)
+        ibase = IDX + erow * P
         for e0 in range(0, n_e, BE):
             e = e0 + tl.arange(0, BE)
             e_ok = e < n_e
             ix = tl.load(ibase + e, mask=e_ok, other=0).to(tl.int64)  # [BE]
-            lc = tl.load(lcbase + ix, mask=e_ok, other=float("-inf"))  # [BE]
-            k = tl.load(kbase + ix[:, None] * D + dd[None, :],
-                        mask=e_ok[:, None] & d_ok[None, :], other=0.0)  # [BE, BD]
-            vv = tl.load(vbase + ix[:, None] * DV + dvv[None, :],
+            lce = tl.load(lcbase + ix, mask=e_ok, other=float("-inf"))  # [BE]
+            ke = tl.load(kbase + ix[:, None] * D + dd[None, :],
+                         mask=e_ok[:, None] & d_ok[None, :], other=0.0)  # [BE, BD]
+            ve = tl.load(vbase + ix[:, None] * DV + dvv[None, :],
                          mask=e_ok[:, None] & dv_ok[None, :], other=0.0)  # [BE, BDV]
-            k = _dot_operand(k, HALF_DOT, EMULATE_HALF, DOT_DTYPE)
-            s = tl.dot(q_dot, tl.trans(k), input_precision=PRECISION) * scale + lc[None, :]
-            m_i, l_i, acc = _absorb(s, vv, m_i, l_i, acc, HALF_DOT, EMULATE_HALF, DOT_DTYPE,
+            ke = _dot_operand(ke, HALF_DOT, EMULATE_HALF, DOT_DTYPE)
+            se = tl.dot(q_dot, tl.trans(ke), input_precision=PRECISION) * scale + lce[None, :]
+            m_i, l_i, acc = _absorb(se, ve, m_i, l_i, acc, HALF_DOT, EMULATE_HALF, DOT_DTYPE,
                                     PRECISION)
 
     if USE_STATE:
@@ -186,9 +189,9 @@ def tiled_attn_fwd_kernel(
         ck = tl.load(CK + bh)
         lq = u - 0.5 * scale * tl.sum(q * q, 1)[:, None] - half_log_f + ck
         lq = tl.where(f_ok[None, :], lq, float("-inf"))
-        row = bh * MQ + j
-        z = tl.load(Z_ROW + row * F + ff, mask=f_ok, other=0.0)  # [BF]
-        sr = tl.load(S_ROW + row * F * DV + ff[:, None] * DV + dvv[None, :],
+        srow = bh * MQ + j
+        z = tl.load(Z_ROW + srow * F + ff, mask=f_ok, other=0.0)  # [BF]
+        sr = tl.load(S_ROW + srow * F * DV + ff[:, None] * DV + dvv[None, :],
                      mask=f_ok[:, None] & dv_ok[None, :], other=0.0)  # [BF, BDV]
         has = tl.max(z, 0) > 0.0
         m_s = tl.where(has, tl.max(lq, 1), float("-inf"))
@@ -223,6 +226,13 @@ def _kernel():
         _absorb = triton.jit(_absorb)
         _KERNEL = triton.jit(tiled_attn_fwd_kernel)
     return _KERNEL
+
+
+def _launch_options(bm: int) -> dict:
+    """Compiler options of a launch with ``bm`` query rows per program (not for the
+    interpreter). Two stages: gathered K/V blocks of 3 would not fit shared memory
+    at D = 128."""
+    return {"num_warps": 4 if bm <= 64 else 8, "num_stages": 2}
 
 
 def _cuda_time(fn, repeat: int = 3) -> float:
@@ -385,9 +395,7 @@ def tiled_attention_triton(
             h, G, hkv, nq, nk - nq, jq0, mq, nb, P,
             q_.stride(0), q_.stride(1), q_.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            BE=be, **consts,
-            # two stages: the gathered K/V blocks of 3 would not fit shared memory at D = 128
-            **({} if interpret else {"num_warps": 4 if BM <= 64 else 8, "num_stages": 2}),
+            BE=be, **consts, **({} if interpret else _launch_options(BM)),
         )
 
     if block_e is None:
