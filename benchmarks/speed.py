@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tile", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sdpa-max", type=int, default=32768, help="longest N to run SDPA at")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the table, profile one tiled call per budget at the longest N: "
+                         "time per stage (nanite.* ranges) and the top operators")
     args = ap.parse_args(argv)
     from tabulate import tabulate
 
@@ -177,6 +180,46 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(tabulate([[name, "-" if e is None else f"{e:.2f}"] for name, e in exps],
                    headers=["time ~ N**p", "p"], tablefmt="github"))
+    if args.profile:
+        _profile(max(lengths), args, dev, dtype, fast)
+
+
+def _profile(n, args, dev, dtype, fast) -> None:
+    """Where one tiled call's time goes: the ``nanite.*`` stage ranges and the top ops."""
+    from tabulate import tabulate
+    from torch.profiler import ProfilerActivity, profile
+
+    q = torch.randn(1, args.heads, n, args.head_dim, device=dev, dtype=dtype)
+    k = torch.randn(1, args.kv_heads, n, args.head_dim, device=dev, dtype=dtype)
+    v = torch.randn(1, args.kv_heads, n, args.head_dim, device=dev, dtype=dtype)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    for b in args.budgets:
+        p = TileParams(tile=args.tile, window=2, anchors=1, horizon=None, budget=b,
+                       budget_reads=None, state_features=args.head_dim)
+
+        def call(p=p):
+            out = tiled_attention(q, k, v, None, scale=args.head_dim ** -0.5, is_causal=True,
+                                  params=p, fast=fast)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        call()  # compile / warm up
+        with profile(activities=acts) as prof:
+            call()
+        events = prof.key_averages()
+        dev_attr = "device_time_total" if dev == "cuda" else None
+        rows = []
+        for e in sorted(events, key=lambda e: -e.cpu_time_total):
+            if e.key.startswith("nanite."):
+                rows.append([e.key, e.count, f"{e.cpu_time_total / 1e3:.2f}",
+                             "-" if dev_attr is None else f"{getattr(e, dev_attr) / 1e3:.2f}"])
+        print()
+        print(f"profile, N={n}, budget {b}: stages (wall on the host; device time inside)")
+        print(tabulate(rows, headers=["stage", "calls", "host ms", "device ms"],
+                       tablefmt="github"))
+        sort_by = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+        print(events.table(sort_by=sort_by, row_limit=15))
 
 
 if __name__ == "__main__":

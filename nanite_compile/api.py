@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .backend import NaniteBackend, sites_for
-from .passes.rewrite import ESCAPES
 from .config import NaniteConfig, check_budget
 from .kernels import ops as _ops
 from .kernels.ops import recording
+from .passes.rewrite import ESCAPES
 from .report import RewriteReport
 
 _UNSET: Any = object()
@@ -271,7 +271,7 @@ def _sdpa_as_nanite(backend: NaniteBackend, args: tuple, kwargs: dict):
     from .passes.rewrite import plan_args, site_params
 
     a = dict(_SDPA_DEFAULTS)
-    a.update(zip(_SDPA_ARGS, args))
+    a.update(zip(_SDPA_ARGS, args, strict=False))  # args may stop early
     a.update(kwargs)
     q, k, v = a["query"], a["key"], a["value"]
     if a["dropout_p"] or q.dim() != 4 or k.dim() != 4 or q.shape[1] % k.shape[1]:

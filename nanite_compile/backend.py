@@ -10,8 +10,8 @@ goes on to inductor, or runs as captured with ``inner="eager"``.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 import weakref
+from collections import Counter
 
 import torch
 import torch.fx as fx

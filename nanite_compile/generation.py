@@ -82,6 +82,7 @@ attention of decode steps (they read the pooled past, as a prefill would).
 from __future__ import annotations
 
 import contextvars
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -801,4 +802,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, context: int | None =
     if context is None and isinstance(kwargs.get("max_new_tokens"), int):
         context = input_ids.shape[1] + kwargs["max_new_tokens"]
     cache = NaniteCache(model, context=context)
-    return model.generate(input_ids, cache=cache, **kwargs)  # transformers 5: cache=
+    return model.generate(input_ids, **{_cache_kwarg(model): cache}, **kwargs)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The name ``model``'s forward gives its cache: ``cache`` from transformers 5.2x,
+    ``past_key_values`` before (5.17 still had it, without the newer name)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - forward without a signature
+        return "cache"
+    return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"

@@ -175,15 +175,35 @@ def _allowance(orig: torch.Tensor, fixed: torch.Tensor, budget: float) -> torch.
     other tiles) already costs more spend that, and the rest share what is left
     evenly per query.
     """
-    target = budget * float(orig.sum())
-    lo, hi = 0.0, float(orig.max())
-    for _ in range(48):
-        mid = 0.5 * (lo + hi)
-        if float(torch.maximum(fixed, orig.clamp(max=mid)).sum()) <= target:
-            lo = mid
-        else:
-            hi = mid
-    return torch.maximum(fixed, orig.clamp(max=lo))
+    # allowance_j(c) = clamp(c, a_j, e_j) with a = fixed, e = max(fixed, orig): the total
+    # is piecewise linear in c with kinks at the a_j and e_j, so it is solved exactly on
+    # the device (sorted kinks, prefix sums), without a host round trip per step
+    a = fixed.reshape(-1).to(torch.float64)
+    e = torch.maximum(fixed, orig).reshape(-1).to(torch.float64)
+    target = budget * orig.to(torch.float64).sum()
+    a_s, e_s = a.sort().values, e.sort().values
+    zero = a_s.new_zeros(1)
+    sa = torch.cat([zero, a_s.cumsum(0)])  # sa[i]: sum of the i smallest a
+    se = torch.cat([zero, e_s.cumsum(0)])
+
+    def total(c: torch.Tensor) -> torch.Tensor:
+        na = torch.searchsorted(a_s, c)  # a_j < c: these give min(c, e_j)
+        ne = torch.searchsorted(e_s, c)  # e_j < c: these give e_j, not c
+        return (sa[-1] - sa[na]) + c * na - (c * ne - se[ne])
+
+    kinks = torch.cat([a_s, e_s]).sort().values
+    ok = total(kinks) <= target
+    n_ok = ok.sum()  # feasible kinks form a prefix (the total is nondecreasing)
+    c0 = kinks[(n_ok - 1).clamp_min(0)]
+    c1 = kinks[n_ok.clamp(max=kinks.numel() - 1)]
+    # slope just right of c0: rows with a_j <= c0 < e_j take c
+    slope = (torch.searchsorted(a_s, c0, right=True)
+             - torch.searchsorted(e_s, c0, right=True)).to(torch.float64)
+    step = torch.where(slope > 0, (target - total(c0)) / slope.clamp_min(1.0), 0.0)
+    c = torch.minimum(c0 + step, c1)
+    # no kink feasible: every row spends its mandatory part only
+    c = torch.where(n_ok > 0, c, torch.full_like(c0, -math.inf))
+    return torch.maximum(fixed, orig.clamp(max=c))
 
 
 def build_levels(
@@ -196,6 +216,7 @@ def build_levels(
     tile_valid: torch.Tensor,
     nk: int,
     importance: torch.Tensor | None = None,
+    solver: str | None = None,
 ) -> torch.Tensor:
     """The run-time level rule: distance and density within the budget.
 
@@ -212,6 +233,10 @@ def build_levels(
             reads of a middle tile grow as ``importance ** params.sharpness``
             (a sharp preference for the tiles that take the attention mass),
             otherwise as density over distance.
+        solver: how each row's multiplier is found (same tables up to ties at
+            the 1e-9 level): ``"bisect"`` (36 halvings; cheapest on a CPU),
+            ``"sort"`` (exact, from the sorted level thresholds; a few
+            launches, for a GPU), None: ``"sort"`` on CUDA, else ``"bisect"``.
 
     Returns:
         ``[B, Hkv, mq, mk]`` int8 level table.
@@ -276,7 +301,7 @@ def build_levels(
     has_state = folded.any(-1)  # [B, 1, mq]
     budget_left = (rem - has_state.to(torch.float64) * F).clamp_min(0.0)
 
-    # refine kept tiles: desired reads ~ lambda * priority, one bisection per row
+    # refine kept tiles: desired reads ~ lambda * priority, one multiplier per row
     if importance is None:
         dens = density[:, :, None, :].to(torch.float64)  # [B, Hkv, 1, mk]
         prio = (dens + 1e-3) / adist[None, None].clamp_min(1).to(torch.float64)
@@ -285,30 +310,76 @@ def build_levels(
         imp = imp / imp.amax(-1, keepdim=True).clamp_min(1e-300)
         prio = imp.pow(params.sharpness) + 1e-30
     R = params.max_pool
+    # level of a kept tile at multiplier lam: ceil(log2(T / (lam * prio))) in [0, R];
+    # everything that does not depend on lam is computed once (the loop is launch-bound
+    # on a GPU and memory-bound on the CPU)
+    base = (math.log2(T) - torch.log2(prio)).expand(b, hkv, -1, -1)  # [B, Hkv, mq, mk]
+    weight = kept.to(torch.float64) * T  # reads of a kept tile at level 0
 
-    def reads_for(loglam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        want = (loglam[..., None].exp() * prio).clamp(1.0, float(T))
-        lvl = torch.ceil(torch.log2(T / want) - 1e-9).clamp(0, R)
-        reads = torch.where(kept, T / torch.exp2(lvl), torch.zeros_like(lvl)).sum(-1)
-        return lvl, reads
-
-    lo = torch.full(budget_left.shape[:-1] + (q_tiles.numel(),), -60.0, dtype=torch.float64,
-                    device=dev).expand(b, hkv, -1).clone()
-    hi = torch.full_like(lo, 60.0)
     bl = budget_left.expand(b, hkv, -1)
-    for _ in range(48):
-        midv = 0.5 * (lo + hi)
-        _, r = reads_for(midv)
-        ok = r <= bl
-        lo = torch.where(ok, midv, lo)
-        hi = torch.where(ok, hi, midv)
-    lvl, _ = reads_for(lo)
+    if solver is None:
+        solver = "sort" if dev.type == "cuda" else "bisect"
+    if solver == "sort":
+        lvl = _levels_by_sort(base, weight, bl, R)
+    elif solver == "bisect":
+        lvl = _levels_by_bisection(base, weight, bl, R)
+    else:
+        raise ValueError(f"solver must be 'sort', 'bisect' or None, got {solver!r}")
     kept_b = kept.expand(b, hkv, -1, -1)
     levels = torch.where(kept_b, lvl.to(torch.int8), levels)
     levels = torch.where(folded.expand(b, hkv, -1, -1),
                          torch.tensor(STATE if use_state else R, dtype=torch.int8, device=dev),
                          levels)
     return levels
+
+
+def _levels_by_bisection(base: torch.Tensor, weight: torch.Tensor, bl: torch.Tensor,
+                         R: int) -> torch.Tensor:
+    """Levels ``clamp(ceil(base - x), 0, R)`` at the largest ``x = log2(lam)`` whose reads
+    ``sum(weight * 2**-level)`` fit ``bl``, per row, by bisection on ``x`` in [-87, 87].
+
+    36 halvings leave 2.5e-9, far finer than the gaps between distinct level
+    thresholds of real inputs.
+    """
+
+    def levels_at(x: torch.Tensor) -> torch.Tensor:
+        return torch.ceil(base - x[..., None] - 1e-9).clamp_(0, R)
+
+    lo = torch.full(bl.shape, -87.0, dtype=torch.float64, device=base.device)
+    hi = torch.full_like(lo, 87.0)
+    for _ in range(36):
+        midv = 0.5 * (lo + hi)
+        ok = (weight * torch.exp2(-levels_at(midv))).sum(-1) <= bl
+        lo = torch.where(ok, midv, lo)
+        hi = torch.where(ok, hi, midv)
+    return levels_at(lo)
+
+
+def _levels_by_sort(base: torch.Tensor, weight: torch.Tensor, bl: torch.Tensor,
+                    R: int) -> torch.Tensor:
+    """`_levels_by_bisection`'s levels, exactly, without a loop.
+
+    A tile leaves level ``l + 1`` for ``l`` when ``x`` reaches its threshold
+    ``base - l - 1e-9``, adding ``weight * 2**-(l+1)`` reads. Sorting every row's
+    thresholds and summing what they add gives the reads after each; the last
+    threshold whose whole group of equal thresholds still fits is ``x``, clamped to
+    the bisection's range.
+    """
+    ls = torch.arange(R, dtype=torch.float64, device=base.device)
+    thr = base[..., None] - ls - 1e-9  # [..., mk, R]
+    live = weight[..., None] > 0
+    thr = torch.where(live, thr, math.inf)
+    add = (weight[..., None] * torch.exp2(-(ls + 1))).expand_as(thr)
+    flat, order = thr.flatten(-2).sort(-1)
+    spent = add.flatten(-2).gather(-1, order).cumsum(-1)
+    group_end = torch.searchsorted(flat, flat, right=True) - 1  # last equal threshold
+    spent = spent.gather(-1, group_end)
+    floor_reads = (weight * 2.0 ** -R).sum(-1, keepdim=True)
+    n_ok = (floor_reads + spent <= bl[..., None]).sum(-1, keepdim=True)  # a prefix
+    x = flat.gather(-1, (n_ok - 1).clamp_min(0))
+    x = torch.where(n_ok > 0, x, -87.0).clamp(max=87.0)  # [..., 1]
+    crossed = (thr <= x[..., None]).sum(-1)  # [..., mk]
+    return (R - crossed).to(torch.float64)
 
 
 def level_reads(levels: torch.Tensor, tile: int, state_features: int) -> torch.Tensor:

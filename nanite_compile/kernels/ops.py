@@ -24,7 +24,8 @@ import torch
 from . import cpu as _cpu
 from . import decode as _decode
 from .levels import TileParams
-from .reference import exact_attention, tiled_attention as _tiled_reference
+from .reference import exact_attention
+from .reference import tiled_attention as _tiled_reference
 
 _RECORDER: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "nanite_recorder", default=None

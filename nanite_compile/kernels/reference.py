@@ -381,37 +381,40 @@ def tiled_attention(
     if reuse is not None and key in reuse:
         density, importance = reuse[key]
     else:
-        density = importance = None  # the rule reads one of them
-        if params.sharpness <= 0:
-            density = tile_density(kc, validp, T)
-        else:
-            # 8 sampled queries per tile: within 2% of scoring all 64 on SmolLM2 at 8k
-            importance = tile_importance(q, kc, validp, T, scale, causal, nk,
-                                         chunk_bytes=max(chunk_bytes // 4, 2**20),
-                                         stride=max(1, T // 8))
+        with _stage("nanite.importance"):
+            density = importance = None  # the rule reads one of them
+            if params.sharpness <= 0:
+                density = tile_density(kc, validp, T)
+            else:
+                # 8 sampled queries per tile: within 2% of scoring all 64 on SmolLM2 at 8k
+                importance = tile_importance(q, kc, validp, T, scale, causal, nk,
+                                             chunk_bytes=max(chunk_bytes // 4, 2**20),
+                                             stride=max(1, T // 8))
         if reuse is not None:
             reuse[key] = (density, importance)
     jq0 = (nk - nq) // T
     q_tiles = torch.arange(jq0, mk, device=q.device)
-    levels = build_levels(
-        density, q_tiles, params, causal=causal, window=window,
-        tile_valid=validp.reshape(b, mk, T).any(-1), nk=nk, importance=importance,
-    )
+    with _stage("nanite.levels"):
+        levels = build_levels(
+            density, q_tiles, params, causal=causal, window=window,
+            tile_valid=validp.reshape(b, mk, T).any(-1), nk=nk, importance=importance,
+        )
     if params.state_features > 0 and feature_proj is None and bool((levels == STATE).any()):
         feature_proj = random_features(d, params.state_features, hkv, seed, q.device,
                                        _compute_dtype(q))
     impl = "reference"
-    if fast is not None and fast.supports(q, v, window):
-        impl = fast.__name__.rsplit(".", 1)[-1]
-        out = fast.run(
-            q, k, v, levels, scale=scale, causal=causal, tile=T, key_valid=key_valid,
-            feature_proj=feature_proj, chunk_bytes=chunk_bytes,
-        )
-    else:
-        out = tiled_attention_from_levels(
-            q, k, v, levels, scale=scale, causal=causal, tile=T, window=window,
-            key_valid=key_valid, feature_proj=feature_proj, chunk_bytes=chunk_bytes,
-        )
+    with _stage("nanite.attend"):
+        if fast is not None and fast.supports(q, v, window):
+            impl = fast.__name__.rsplit(".", 1)[-1]
+            out = fast.run(
+                q, k, v, levels, scale=scale, causal=causal, tile=T, key_valid=key_valid,
+                feature_proj=feature_proj, chunk_bytes=chunk_bytes,
+            )
+        else:
+            out = tiled_attention_from_levels(
+                q, k, v, levels, scale=scale, causal=causal, tile=T, window=window,
+                key_valid=key_valid, feature_proj=feature_proj, chunk_bytes=chunk_bytes,
+            )
     if bad_rows is not None:
         out = _repair_rows(out, q, k, v, attn_mask, scale, bad_rows)
     if stats is not None:
@@ -423,6 +426,11 @@ def tiled_attention(
         stats["reads_per_query"] = float(level_reads(levels, T, params.state_features).mean())
         stats["exact_reads_per_query"] = _exact_reads(nq, nk, causal, window, valid)
     return out
+
+
+def _stage(name: str):
+    """A named range for ``torch.profiler`` (``benchmarks/speed.py --profile``)."""
+    return torch.profiler.record_function(name)
 
 
 # exp(-20) ~ 2e-9: a key this far below the row's largest logit is lost in fp32 rounding

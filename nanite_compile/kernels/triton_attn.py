@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .cpu import _state_rows
 from .levels import EXACT, NONE, STATE
-from .reference import _entry_index, _log_features, _pyramid
+from .reference import _entry_index, _log_features, _pyramid, _stage
 
 try:  # optional dependency: the op falls back to the PyTorch path without it
     import triton
@@ -269,6 +269,25 @@ def _pick_block_e(key: tuple, launch, timer) -> int:
     return _BEST_BLOCK_E[key]
 
 
+def _state_inputs(kc, vc, valid, lv, feature_proj, scale, T):
+    """The STATE read-out's inputs: the feature map ``[Hkv, D, F]``, per-row sums
+    ``S_j [B, Hkv, mq, F, Dv]`` and ``z_j [B, Hkv, mq, F]`` of the tiles each row
+    folds, and the keys' stabiliser ``[B, Hkv]``."""
+    b, hkv, npad, d = kc.shape
+    mk = npad // T
+    proj = feature_proj.to(device=kc.device, dtype=kc.dtype).contiguous()  # [Hkv, D, F]
+    kt5 = kc.reshape(b, hkv, mk, T, d)
+    vt5 = vc.reshape(b, hkv, mk, T, vc.shape[-1])
+    wt = valid.reshape(b, 1, mk, T, 1)
+    lk = _log_features(kt5, proj, scale).masked_fill(~wt, -math.inf)  # [B,Hkv,mk,T,F]
+    ck = lk.amax(dim=(2, 3, 4)).clamp_min(-1e30)  # [B, Hkv]
+    phik = torch.exp(lk - ck[:, :, None, None, None])
+    s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt5)
+    z_tile = phik.sum(3)
+    s_row, z_row = _state_rows(lv, s_tile, z_tile)
+    return proj, s_row.contiguous(), z_row.contiguous(), ck.contiguous()
+
+
 def tiled_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -339,13 +358,15 @@ def tiled_attention_triton(
             raise ValueError("a causal level table sees nothing above the diagonal")
         rest = lv.masked_fill(diag, NONE)
 
-    bank_k, bank_v, bank_lc, _, offs = _pyramid(kc, vc, valid, T)
+    with _stage("nanite.pyramid"):
+        bank_k, bank_v, bank_lc, _, offs = _pyramid(kc, vc, valid, T)
     nb = bank_k.shape[2]
     use_entries = bool((rest >= 0).any())
     if use_entries:
-        idx, ok = _entry_index(rest, offs, T)  # [B, Hkv, mq, P]
-        cnt = ok.sum(-1).to(torch.int32).contiguous()
-        idx = idx.to(torch.int32).contiguous()
+        with _stage("nanite.entries"):
+            idx, ok = _entry_index(rest, offs, T)  # [B, Hkv, mq, P]
+            cnt = ok.sum(-1).to(torch.int32).contiguous()
+            idx = idx.to(torch.int32).contiguous()
     else:
         idx = torch.zeros(1, dtype=torch.int32, device=dev)
         cnt = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -355,18 +376,9 @@ def tiled_attention_triton(
     if use_state:
         if feature_proj is None:
             raise ValueError("the level table has STATE tiles: feature_proj is needed")
-        proj = feature_proj.to(device=dev, dtype=cd).contiguous()  # [Hkv, D, F]
+        with _stage("nanite.state_sums"):
+            proj, s_row, z_row, ck = _state_inputs(kc, vc, valid, lv, feature_proj, scale, T)
         nf = proj.shape[-1]
-        kt5 = kc.reshape(b, hkv, mk, T, d)
-        vt5 = vc.reshape(b, hkv, mk, T, dv)
-        wt = valid.reshape(b, 1, mk, T, 1)
-        lk = _log_features(kt5, proj, scale).masked_fill(~wt, -math.inf)  # [B,Hkv,mk,T,F]
-        ck = lk.amax(dim=(2, 3, 4)).clamp_min(-1e30)  # [B, Hkv]
-        phik = torch.exp(lk - ck[:, :, None, None, None])
-        s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt5)
-        z_tile = phik.sum(3)
-        s_row, z_row = _state_rows(lv, s_tile, z_tile)
-        s_row, z_row, ck = s_row.contiguous(), z_row.contiguous(), ck.contiguous()
     else:
         nf = 1
         proj = s_row = z_row = ck = torch.zeros(1, dtype=cd, device=dev)
@@ -406,7 +418,8 @@ def tiled_attention_triton(
                    _next_pow2(P, 1),
                    torch.cuda.get_device_name(dev))
             block_e = _pick_block_e(key, launch, _cuda_time)
-    launch(block_e)
+    with _stage("nanite.kernel"):
+        launch(block_e)
     return out
 
 

@@ -20,7 +20,6 @@ from ..kernels.levels import TileParams
 from ..report import SiteReport
 from .base import AttentionMatch, PassContext, node_shape
 
-
 # the reason of a site whose intermediates (attention weights) leave the chain
 ESCAPES = "used elsewhere"
 
@@ -88,7 +87,7 @@ def rewrite_matches(gm: fx.GraphModule, matches: list[AttentionMatch], ctx: Pass
     """
     g = graph_to_nx(gm.graph)
     rewritten = 0
-    for idx, m in enumerate(matches):
+    for m in matches:
         if m.skip_reason is None:
             m.skip_reason = check_chain(m, g)
         path = m.module_path or ctx.site_prefix

@@ -27,6 +27,7 @@ from nanite_compile.kernels.levels import (
     build_levels,
     level_reads,
     tile_density,
+    tile_importance,
 )
 from nanite_compile.kernels.reference import (
     exact_attention,
@@ -737,3 +738,31 @@ def test_exact_fallbacks_say_why():
         out = tiled_attention(*args, scale=0.25, is_causal=False, params=params, stats=st)
         assert st["path"] == "exact" and reason in st["reason"]
         torch.testing.assert_close(out, exact_attention(*args, 0.25, False))
+
+
+@pytest.mark.parametrize("sharpness", [0.0, 4.0])
+@pytest.mark.parametrize("budget", [0.08, 0.2, 0.45])
+def test_level_solvers_agree(budget, sharpness):
+    """The exact sort-based solver (the GPU's) and the bisection (the CPU's) give one table."""
+    g = torch.Generator().manual_seed(int(budget * 100) + int(sharpness))
+    T, n, hkv = 16, 16 * 40 + 5, 3
+    q = torch.randn(2, 6, n, 16, generator=g)
+    k = torch.randn(2, hkv, n, 16, generator=g) * torch.rand(1, hkv, n, 1, generator=g) * 3
+    mk = -(-n // T)
+    kc = torch.nn.functional.pad(k, (0, 0, 0, mk * T - n))
+    valid = torch.arange(mk * T) < n
+    valid = valid.expand(2, -1).clone()
+    valid[1, :37] = False  # left padding in one row
+    p = TileParams(tile=T, window=2, anchors=1, horizon=None, budget=budget,
+                   budget_reads=None, state_features=16, sharpness=sharpness)
+    imp = tile_importance(q, kc, valid, T, 0.25, True, n) if sharpness > 0 else None
+    dens = tile_density(kc, valid, T)
+    tables = [
+        build_levels(dens, torch.arange(mk), p, causal=True, window=None,
+                     tile_valid=valid.reshape(2, mk, T).any(-1), nk=n, importance=imp,
+                     solver=solver)
+        for solver in ("bisect", "sort")
+    ]
+    assert tables[0].shape == (2, hkv, mk, mk)
+    assert (tables[0] > 0).any(), "the budget should coarsen some tiles"
+    assert torch.equal(tables[0], tables[1])
