@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .kernels.levels import DEFAULT_SHARPNESS
+
 _INNER = ("inductor", "eager")
 _IMPL = ("auto", "torch", "triton")
 _FEATURE_MAPS = ("prf",)
@@ -97,7 +99,7 @@ class NaniteConfig:
     anchors: int = 1
     horizon: int | None = None
     state_features: int = 64
-    sharpness: float = 4.0
+    sharpness: float = DEFAULT_SHARPNESS
     max_error: float | None = None
     feature_map: str = "prf"
     seed: int = 0
@@ -120,7 +122,7 @@ class NaniteConfig:
         _check_int("chunk_bytes", self.chunk_bytes, 2**16)
         if isinstance(self.sharpness, bool) or not isinstance(self.sharpness, (int, float)) \
                 or not (0.0 <= float(self.sharpness) <= 16.0):
-            raise ValueError(f"sharpness must be a number in [0, 16] (default 4.0), got {self.sharpness!r}")
+            raise ValueError(f"sharpness must be a number in [0, 16] (default {DEFAULT_SHARPNESS}), got {self.sharpness!r}")
         object.__setattr__(self, "sharpness", float(self.sharpness))
         if self.max_error is not None:
             if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) \

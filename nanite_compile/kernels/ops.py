@@ -23,7 +23,7 @@ import torch
 
 from . import cpu as _cpu
 from . import decode as _decode
-from .levels import TileParams
+from .levels import DEFAULT_SHARPNESS, TileParams
 from .reference import exact_attention
 from .reference import tiled_attention as _tiled_reference
 
@@ -108,7 +108,7 @@ def collecting(max_calls: int = 8) -> Iterator[dict]:
 
 
 def _params(tile, window, anchors, horizon, budget, budget_reads, state_features,
-            sharpness: float = 4.0) -> TileParams:
+            sharpness: float = DEFAULT_SHARPNESS) -> TileParams:
     return TileParams(
         tile=tile,
         window=window,
@@ -161,7 +161,7 @@ def tiled_attention(
     state_features: int,
     seed: int,
     site: str,
-    sharpness: float = 4.0,
+    sharpness: float = DEFAULT_SHARPNESS,
 ) -> torch.Tensor:
     """Tiled attention, DESIGN.md section 1.
 
@@ -233,7 +233,7 @@ def tiled_attention(
 
 @tiled_attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, tile, window, anchors, horizon, budget,
-      budget_reads, state_features, seed, site, sharpness=4.0):
+      budget_reads, state_features, seed, site, sharpness=DEFAULT_SHARPNESS):
     torch._check(q.dim() == 4, lambda: "q must be [B, H, N, D]")
     torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be [B, Hkv, N, D]")
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
@@ -256,7 +256,7 @@ def tiled_attention_backward(
     budget_reads: int,
     state_features: int,
     seed: int,
-    sharpness: float = 4.0,
+    sharpness: float = DEFAULT_SHARPNESS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``tiled_attention`` w.r.t. q, k, v (recomputed in PyTorch).
 
@@ -287,7 +287,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_mask = attn_mask is not None
     scale, is_causal = inputs[4:6]
     site = inputs[14]
-    sharpness = inputs[15] if len(inputs) > 15 else 4.0
+    sharpness = inputs[15] if len(inputs) > 15 else DEFAULT_SHARPNESS
     p = _resolve(site, *inputs[6:13], sharpness)  # the plan the forward ran
     ctx.rest = (scale, is_causal, p.tile, p.window, p.anchors,
                 -1 if p.horizon is None else p.horizon, p.budget,
