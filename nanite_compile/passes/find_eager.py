@@ -63,8 +63,14 @@ from .find_sdpa import mask_kind_of
 
 aten = torch.ops.aten
 
-# An additive constant at or below this blocks a key (same threshold as the op's mask reader).
+# An additive constant at or below this blocks a key (same threshold as the op's mask reader,
+# which also checks at run time that the logits cannot outweigh it).
 _BLOCKED_BELOW = -1.0e4
+# A constant *written over* the scores (masked_fill, where) leaves no run-time trace of the
+# scores it replaced: it is a block only if no allowed logit can sink below it, i.e. it is
+# -inf or far beyond any logit a model produces. masked_fill(m, -1e4) with logits of order
+# 1e4 lets the "blocked" keys through in the original; such a site stays exact.
+_REPLACED_BLOCKS_BELOW = -1.0e9
 
 # ---------------------------------------------------------------------------
 # What a node computes: a small vocabulary of kinds, arguments bound by name.
@@ -428,9 +434,19 @@ def _const(x: Any, depth: int = 0) -> float | None:
 
 
 def _blocks(x: Any) -> bool:
-    """A constant that blocks a key when added to (or filled into) the scores."""
+    """A constant that blocks a key when added to the scores (checked again at run time)."""
     c = _const(x)
     return c is not None and c <= _BLOCKED_BELOW
+
+
+def _blocks_by_replacing(x: Any) -> bool:
+    """A constant that blocks a key when written over its score (masked_fill, where)."""
+    c = _const(x)
+    # fp16's finfo.min (-65504) is how half models mask: no fp16 logit lies below it
+    return c is not None and (c <= _REPLACED_BLOCKS_BELOW or c == _FP16_MIN)
+
+
+_FP16_MIN = float(torch.finfo(torch.float16).min)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -1033,15 +1049,21 @@ def _walk_scores(x: Any, ch: _Chain, depth: int = 0) -> fx.Node | None:
         return None
     if k == "masked_fill":
         val, cond = a.get("value"), a.get("mask")
-        if _blocks(val):
+        if _blocks_by_replacing(val):
             return through(a.get("input"), mask=("blocked", cond))
+        if _blocks(val):
+            return through(a.get("input"), skip=_finite_fill_reason(val))
         return through(a.get("input"), skip=f"masked_fill with {val!r} (not a blocking value)")
     if k == "where":
         cond, lhs, rhs = a.get("condition"), a.get("input"), a.get("other")
-        if _blocks(rhs) and _is_tensor(lhs):
+        if _blocks_by_replacing(rhs) and _is_tensor(lhs):
             return through(lhs, mask=("allowed", cond))
-        if _blocks(lhs) and _is_tensor(rhs):
+        if _blocks_by_replacing(lhs) and _is_tensor(rhs):
             return through(rhs, mask=("blocked", cond))
+        if _blocks(rhs) and _is_tensor(lhs):
+            return through(lhs, skip=_finite_fill_reason(rhs))
+        if _blocks(lhs) and _is_tensor(rhs):
+            return through(rhs, skip=_finite_fill_reason(lhs))
         for side in (lhs, rhs):
             if _is_tensor(side):
                 found = through(side, skip="where() that does not block with -inf/finfo.min")
@@ -1051,6 +1073,12 @@ def _walk_scores(x: Any, ch: _Chain, depth: int = 0) -> fx.Node | None:
     if k == "tanh":
         return through(a.get("input"), skip="logit soft-capping (tanh) between scores and softmax")
     return None
+
+
+def _finite_fill_reason(val: Any) -> str:
+    return (f"scores overwritten with the finite value {_const(val)!r}: keys it blocks take "
+            f"weight once logits reach its size, which the rewrite cannot check (use -inf "
+            f"or finfo.min)")
 
 
 def _scores_chain(softmax: fx.Node) -> _Chain | None:

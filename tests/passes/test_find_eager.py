@@ -147,6 +147,18 @@ class BlockedFill(nn.Module):
         return s.softmax(-1) @ v
 
 
+class FiniteBlockFill(nn.Module):
+    """BERT-era ``masked_fill(~causal, -1e4)``: finite, so it blocks only while the
+    logits stay well below 1e4."""
+
+    def forward(self, q, k, v):
+        n = q.shape[2]
+        future = torch.ones(n, n, dtype=torch.bool).triu(1)
+        s = q @ k.transpose(-2, -1) * 0.25
+        s = s.masked_fill(future, -1e4)
+        return s.softmax(-1) @ v
+
+
 class SoftCap(nn.Module):
     def forward(self, q, k, v):
         s = q @ k.transpose(-2, -1) * 0.25
@@ -364,6 +376,53 @@ def test_masked_fill_finfo_min_padding(compile_nanite, assert_close_to_fp64):
     site = only_site(backend)
     assert (site.status, site.mask_kind) == ("rewritten", "dense-bool")
     assert_close_to_fp64(mod, (q, k, v, lengths), None, out)
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.25])
+def test_finite_masked_fill_is_left_exact(compile_nanite, assert_close_to_fp64, budget):
+    """``masked_fill(m, -1e4)`` overwrites the scores: next to logits of order 1e4 the
+    "blocked" keys take weight in the original, and nothing at run time can tell, so the
+    site stays exact with its reason (it used to be rewritten as a hard block: budget 1.0
+    then gave plain causal attention, error 2.6)."""
+    mod = FiniteBlockFill()
+    q, k, v = qkv(b=1, n=96)
+    q = q * 1e4  # logits of order 1e4: future keys are not negligible
+    ref = mod(q, k, v)
+    causal = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert not torch.allclose(ref, causal, atol=1e-2)  # the finite mask does leak
+    backend, out = compile_nanite(mod, q, k, v, budget=budget, tile=16)
+    site = only_site(backend)
+    assert site.status == "skipped" and "-10000.0" in site.reason, site
+    assert_close_to_fp64(mod, (q, k, v), None, out)
+
+
+class FarBlockFill(nn.Module):
+    """The Annotated Transformer's ``masked_fill(mask == 0, -1e9)``."""
+
+    def forward(self, q, k, v):
+        n = q.shape[2]
+        s = q @ k.transpose(-2, -1) * 0.25
+        return s.masked_fill(torch.ones(n, n).tril() == 0, -1e9).softmax(-1) @ v
+
+
+class HalfMinFill(nn.Module):
+    """fp16's ``finfo.min`` written as a literal (-65504), as half models mask."""
+
+    def forward(self, q, k, v):
+        n = q.shape[2]
+        s = q @ k.transpose(-2, -1) * 0.25
+        return s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -65504.0).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("cls", [FarBlockFill, HalfMinFill])
+def test_far_masked_fill_is_a_block(compile_nanite, assert_close_to_fp64, cls):
+    """Values no logit reaches still block: the site is rewritten."""
+    mod = cls()
+    q, k, v = qkv(b=1, n=96)
+    backend, out = compile_nanite(mod, q, k, v, budget=1.0, tile=16)
+    site = only_site(backend)
+    assert site.status == "rewritten", site
+    assert_close_to_fp64(mod, (q, k, v), None, out)
 
 
 def test_extended_padding_mask_is_a_mask(compile_nanite, assert_close_to_fp64):
