@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nanite_compile
-from nanite_compile import NaniteConfig, planner
+from nanite_compile import NaniteConfig, api, planner
 from nanite_compile.kernels import cpu, ops
 from nanite_compile.kernels.levels import TileParams, tile_importance
 from nanite_compile.kernels.reference import exact_attention, tiled_attention
@@ -223,10 +223,55 @@ def ids(n, seed):
 @pytest.fixture(scope="module")
 def calibrated():
     model = tiny_llama()
-    cfg = NaniteConfig(tile=16, budget=0.3)
+    # the plan's mechanics, unchecked: on random weights the loss check may reject it
+    cfg = NaniteConfig(tile=16, budget=0.3, plan_check=False)
     calib = [ids(384, 1), ids(384, 2)]
     conv = nanite_compile.convert(model, config=cfg, calibration=calib)
     return model, cfg, calib, conv
+
+
+def _losses(monkeypatch, uniform, planned):
+    """Make the plan check see these two losses (uniform first, as _calibrate asks)."""
+    seen = iter([uniform, planned])
+    monkeypatch.setattr(api, "_calibration_nll", lambda model, ids: next(seen))
+
+
+def test_plan_check_rejects_a_plan_that_raises_the_loss(monkeypatch):
+    model = tiny_llama()
+    cfg = NaniteConfig(tile=16, budget=0.3)
+    calib = [ids(384, 1)]
+    _losses(monkeypatch, 1.0, 1.5)
+    conv = nanite_compile.convert(model, config=cfg, calibration=calib)
+    state = conv.__dict__["_nanite_state"]
+    rep = nanite_compile.report(conv)
+    assert state.plan is None
+    assert any("plan rejected" in n and "1.5000" in n for n in rep.notes), rep.notes
+    uniform = nanite_compile.convert(model, config=cfg)
+    for s in (s for s in rep.sites if s.status == "rewritten"):
+        assert "calibration_error" not in s.plan
+        assert ops._SITE_PLANS[s.site + state.tag].budget == 0.3
+    x = ids(300, 5)
+    with torch.no_grad():  # runs exactly as the uncalibrated conversion
+        torch.testing.assert_close(conv(x).logits, uniform(x).logits, rtol=0, atol=0)
+
+
+def test_plan_check_keeps_a_plan_that_lowers_the_loss(monkeypatch):
+    model = tiny_llama()
+    _losses(monkeypatch, 1.5, 1.0)
+    conv = nanite_compile.convert(model, config=NaniteConfig(tile=16, budget=0.3),
+                                  calibration=[ids(384, 1)])
+    state = conv.__dict__["_nanite_state"]
+    assert state.plan is not None
+    assert any("calibration loss 1.0000 (uniform budget: 1.5000)" in n
+               for n in nanite_compile.report(conv).notes)
+
+
+def test_calibration_loss_is_read_from_causal_lms_only():
+    model = tiny_llama(layers=1)
+    x = ids(64, 3)
+    nll = api._calibration_nll(model, x)
+    assert nll is not None and 3.0 < nll < 6.0  # about log(96) for random weights
+    assert api._calibration_nll(torch.nn.Linear(4, 4), x) is None
 
 
 def test_calibration_plans_every_site_within_the_budget(calibrated):
