@@ -660,19 +660,18 @@ def test_budget_rule(tiles, cut, tile, budget, features, window, anchors, causal
     )
     j = torch.arange(m)[:, None]
     i = torch.arange(m)[None, :]
-    if causal:
-        assert bool((lv[..., i > j] == NONE).all())
-        assert bool((lv[..., i <= j] != NONE).all())
-    else:
-        assert bool((lv != NONE).all())
+    seen = (i <= j) if causal else torch.ones(m, m, dtype=torch.bool)
+    assert bool((lv[..., ~seen] == NONE).all())
     fixed = ((j - i).abs() < window) | (i < anchors)
-    vis = lv != NONE
-    assert bool((lv[vis & fixed] == EXACT).all())
+    # near field and anchors always EXACT; a middle tile may be dropped (NONE) when it
+    # wants less than one read
+    assert bool((lv[..., seen & fixed] == EXACT).all())
+    seen = seen.expand_as(lv)
 
     reads = level_reads(lv, tile, features)  # [B, Hkv, mq]
-    exact = vis.sum(-1).double() * tile
+    exact = seen.sum(-1).double() * tile
     assert bool((reads <= exact).all()), "a plan costs more than exact attention"
-    floor = _min_reads(vis, fixed, tile, features)
+    floor = _min_reads(seen, fixed, tile, features)
     allowed = max(budget * float(exact.sum()), float(floor.sum()))
     assert float(reads.sum()) <= allowed * (1 + 1e-9), (float(reads.sum()), allowed)
 
@@ -766,3 +765,30 @@ def test_level_solvers_agree(budget, sharpness):
     assert tables[0].shape == (2, hkv, mk, mk)
     assert (tables[0] > 0).any(), "the budget should coarsen some tiles"
     assert torch.equal(tables[0], tables[1])
+
+
+def test_tiles_wanting_less_than_one_read_are_dropped_lowest_mass_first():
+    """At a low budget the rule drops middle tiles (NONE) rather than give each a summary,
+    and within a row no dropped tile has more estimated mass than a tile it kept."""
+    g = torch.Generator().manual_seed(5)
+    T, n, hkv = 16, 16 * 48, 2
+    q = torch.randn(1, 4, n, 16, generator=g)
+    k = torch.randn(1, hkv, n, 16, generator=g) * 2
+    mk = n // T
+    valid = torch.ones(1, n, dtype=torch.bool)
+    p = TileParams(tile=T, window=2, anchors=1, horizon=None, budget=0.08,
+                   budget_reads=None, state_features=0)
+    imp = tile_importance(q, k, valid, T, 0.25, True, n)
+    lv = build_levels(None, torch.arange(mk), p, causal=True, window=None,
+                      tile_valid=valid.reshape(1, mk, T).any(-1), nk=n, importance=imp)
+    j = torch.arange(mk)[:, None]
+    i = torch.arange(mk)[None, :]
+    middle = (i <= j) & ((j - i) >= 2) & (i >= 1)
+    dropped = (lv == NONE) & middle
+    kept = (lv >= 0) & middle
+    assert bool(dropped.any()) and bool(kept.any())
+    for h in range(hkv):
+        for r in range(mk):
+            d, kk = dropped[0, h, r], kept[0, h, r]
+            if d.any() and kk.any():
+                assert float(imp[0, h, r][d].max()) <= float(imp[0, h, r][kk].min()) + 1e-12
