@@ -52,9 +52,11 @@ def test_importance_is_a_distribution_over_visible_tiles():
     valid = torch.arange(mk * T) < 200
     imp = tile_importance(q, kp, valid[None], T, 0.25, True, 200)
     assert imp.shape == (1, 2, mk, mk)
-    assert torch.allclose(imp.sum(-1), torch.ones(1, 2, mk), atol=1e-5)
-    future = torch.ones(mk, mk, dtype=torch.bool).triu(1)
-    assert float(imp[..., future].abs().max()) == 0.0
+    # causal: row j is estimated by the queries of tile j - 1 (tokens before row j only)
+    assert torch.allclose(imp[:, :, 1:].sum(-1), torch.ones(1, 2, mk - 1), atol=1e-5)
+    assert float(imp[:, :, 0].abs().max()) == 0.0
+    own_or_later = torch.ones(mk, mk, dtype=torch.bool).triu(0)
+    assert float(imp[..., own_or_later].abs().max()) == 0.0
 
 
 def test_importance_finds_the_planted_tile():
@@ -78,7 +80,9 @@ def test_query_aware_rule_beats_density_over_distance_on_retrieval():
         out = tiled_attention(q, k, v, None, scale=0.25, is_causal=True,
                               params=params(0.5, sharpness=sharp), fast=cpu)
         errs[sharp] = float((out - ref).norm() / ref.norm())
-    assert errs[3.0] < 0.7 * errs[0.0], errs
+    # each query tile copies its own source tile; a causal row sees only its tile's first
+    # query and the tile before (which copies another source), so the margin is modest
+    assert errs[3.0] < 0.9 * errs[0.0], errs
 
 
 # --- allocation -----------------------------------------------------------------------
@@ -344,7 +348,8 @@ def test_sampled_queries_estimate_the_same_mass():
     valid = (torch.arange(mk * T) < 300)[None]
     full = tile_importance(q, kp, valid, T, 0.25, True, 300)
     some = tile_importance(q, kp, valid, T, 0.25, True, 300, stride=4)
-    assert torch.allclose(some.sum(-1), torch.ones_like(some.sum(-1)), atol=1e-5)
+    rows = some[:, :, 1:].sum(-1)  # row 0 has no past to estimate from
+    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
     assert float((some - full).abs().sum(-1).max()) < 0.35  # total variation per row
     # decode: one query still gets its row
     one = tile_importance(q[:, :, -1:], kp, valid, T, 0.25, True, 300, stride=4)

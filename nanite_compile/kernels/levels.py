@@ -102,8 +102,10 @@ def tile_importance(
     mean key with the log of its key count as a bias, as the pooled levels are
     read); every sampled query takes a softmax over the groups of
     the tiles it can see, and a tile's mass is the sum over its groups,
-    averaged over the tile's sampled queries and the query heads that share
-    the KV head.
+    averaged over the sampled queries and the query heads that share the KV
+    head. Under causality a row is estimated from the queries of the tile
+    before it, so the level table (one row per query tile) depends only on
+    tokens before the tile and no output depends on a later token.
 
     Measured on SmolLM2 at 8192 tokens of Hamlet, budget 0.25 (perplexity on
     [4k, 8k), original = 1, tile 64): driving the level rule with this estimate
@@ -152,6 +154,7 @@ def tile_importance(
     jq0 = q0 // T
     mq = mk - jq0
     qpos = q0 + torch.arange(nq, device=q.device)
+    q_in = q
     if stride > 1:
         last = torch.clamp(qpos // T * T + T - 1, max=nk - 1)
         keep = ((qpos % stride) == stride - 1) | (qpos == last)
@@ -159,7 +162,31 @@ def tile_importance(
         q = q.index_select(2, sel)
         qpos = qpos[sel]
         nq = int(sel.numel())
-    qtile = qpos // T - jq0  # [Nq]
+    # Causal: one table row serves every query of its tile, so it may only depend on
+    # tokens before the tile. Row j is estimated from the sampled queries of tile j - 1
+    # (each sees whole tiles up to its own) and from tile j's first query (which sees the
+    # tiles before j): nothing from inside tile j but its first token. A single query,
+    # or bidirectional attention, estimates its own row from its own tile.
+    last = qpos // T  # last key tile each query's scores may use
+    row = qpos // T - jq0
+    if causal and nq > 1:
+        first = ((qpos % T) == 0).nonzero().squeeze(-1)  # first query of a tile
+        if stride > 1:  # the first queries were not sampled: take them from the input
+            firsts = torch.arange(-(-q0 // T) * T, nk, T, device=q.device)
+            qf = q_in.index_select(2, firsts - q0)
+            qposf = firsts
+        else:
+            qf, qposf = q.index_select(2, first), qpos[first]
+        q = torch.cat([q, qf], 2)
+        last = torch.cat([last, qposf // T - 1])
+        row = torch.cat([row + 1, qposf // T - jq0])
+        qpos = torch.cat([qpos, qposf])
+    inside = (row < mq) & (last >= 0)
+    if not bool(inside.all()):
+        sel = inside.nonzero().squeeze(-1)
+        q, qpos, row, last = q.index_select(2, sel), qpos[sel], row[sel], last[sel]
+    nq = int(q.shape[2])
+    qtile = row
     qg = q.to(f32).reshape(b, hkv, G, nq, d)
     out = torch.zeros(b, hkv, mq, mk, dtype=f32, device=q.device)
     etile = torch.arange(mk * E, device=q.device) // E  # key tile of each mean key
@@ -170,7 +197,7 @@ def tile_importance(
         s1 = min(nq, s0 + step)
         sc = scale * (qg[:, :, :, s0:s1] @ mean_t) + logn  # [B, Hkv, G, c, mk*E]
         if causal:
-            see = etile[None, :] <= (qpos[s0:s1] // T)[:, None]  # [c, mk*E]
+            see = etile[None, :] <= last[s0:s1][:, None]  # [c, mk*E]
             sc = sc.masked_fill(~see, -math.inf)
         p = torch.softmax(sc, dim=-1)
         p = torch.nan_to_num(p, nan=0.0).reshape(b, hkv, G, s1 - s0, mk, E).sum((2, 5))
