@@ -66,6 +66,16 @@ def _state_rows(lv: torch.Tensor, s_tile: torch.Tensor, z_tile: torch.Tensor):
             torch.einsum("bhji,bhif->bhjf", m, z_tile))
 
 
+def _take_rows(bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``bank[b, h, idx[b, h, i]]`` as ``[B, H, L, D]``: whole rows copied by one
+    ``index_select`` (a ``gather`` with an index expanded over ``D`` reads an index per
+    element and took 3-4x longer, a third of the op at 16k tokens)."""
+    b, h, nb, d = bank.shape
+    base = torch.arange(b * h, device=bank.device).reshape(b, h, 1) * nb
+    flat = bank.reshape(b * h * nb, d).index_select(0, (idx + base).reshape(-1))
+    return flat.reshape(b, h, -1, d)
+
+
 def tiled_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -129,8 +139,8 @@ def tiled_attention_cpu(
             c1 = min(mq, c0 + chunk)
             n_c = c1 - c0
             ii = idx[:, :, c0:c1].reshape(b, hkv, -1)
-            kg = bank_k.gather(2, ii[..., None].expand(-1, -1, -1, d))
-            vg = bank_v.gather(2, ii[..., None].expand(-1, -1, -1, dv))
+            kg = _take_rows(bank_k, ii)
+            vg = _take_rows(bank_v, ii)
             lc = bank_lc[:, None, :].expand(b, hkv, -1).gather(2, ii)
             bias = torch.where(ok[:, :, c0:c1].reshape(b, hkv, -1), lc,
                                torch.full_like(lc, -math.inf))

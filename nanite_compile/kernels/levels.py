@@ -185,22 +185,24 @@ def tile_importance(
     nq = int(q.shape[2])
     qtile = row
     qg = q.to(f32).reshape(b, hkv, G, nq, d)
-    out = torch.zeros(b, hkv, mq, mk, dtype=f32, device=q.device)
+    # mass per (row, mean key) first; the mean keys of a tile are summed once at the end
+    # (a reduction over a size-E innermost dim per sampled query was a third of the time)
+    out = torch.zeros(b, hkv, mq, mk * E, dtype=f32, device=q.device)
     etile = torch.arange(mk * E, device=q.device) // E  # key tile of each mean key
-    mean_t = mean.transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, mk*E]
+    mean_t = (mean * scale).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, mk*E]
     per_q = b * hkv * G * mk * E * 4 * 3
     step = max(T, int(chunk_bytes // max(per_q, 1)) // T * T)
     for s0 in range(0, nq, step):
         s1 = min(nq, s0 + step)
-        sc = scale * (qg[:, :, :, s0:s1] @ mean_t) + logn  # [B, Hkv, G, c, mk*E]
+        bias = logn  # [B, 1, 1, 1, mk*E]; under causality -inf past each query's last tile
         if causal:
             see = etile[None, :] <= last[s0:s1][:, None]  # [c, mk*E]
-            sc = sc.masked_fill(~see, -math.inf)
-        p = torch.softmax(sc, dim=-1)
-        p = torch.nan_to_num(p, nan=0.0).reshape(b, hkv, G, s1 - s0, mk, E).sum((2, 5))
-        out.index_add_(2, qtile[s0:s1], p)
+            bias = logn.masked_fill(~see, -math.inf)  # [B, 1, 1, c, mk*E]
+        sc = torch.matmul(qg[:, :, :, s0:s1], mean_t).add_(bias)  # [B, Hkv, G, c, mk*E]
+        p = torch.softmax(sc, dim=-1).nan_to_num_(0.0)
+        out.index_add_(2, qtile[s0:s1].repeat(G), p.reshape(b, hkv, G * (s1 - s0), mk * E))
     nper = torch.bincount(qtile, minlength=mq).clamp_min(1).to(f32) * G
-    return out / nper[None, None, :, None]
+    return out.reshape(b, hkv, mq, mk, E).sum(-1) / nper[None, None, :, None]
 
 
 def _allowance(orig: torch.Tensor, fixed: torch.Tensor, budget: float) -> torch.Tensor:
@@ -329,9 +331,13 @@ def build_levels(
     if params.horizon is not None:
         keep = keep.clamp(max=float(params.horizon))
     # rank middle tiles by distance: nearest first
-    big = mk + 1
-    mdist = torch.where(mid, adist[None, None].expand_as(mid), big).to(torch.float64)
-    order_rank = mdist.argsort(dim=-1).argsort(dim=-1).to(torch.float64)  # 0 = nearest
+    if causal:
+        # middle tiles all lie before the query tile: the nearer ones are the later ones
+        order_rank = (mid.flip(-1).cumsum(-1).flip(-1) - mid.to(torch.int64)).to(torch.float64)
+    else:
+        big = mk + 1
+        mdist = torch.where(mid, adist[None, None].expand_as(mid), big).to(torch.float64)
+        order_rank = mdist.argsort(dim=-1).argsort(dim=-1).to(torch.float64)  # 0 = nearest
     kept = mid & (order_rank < keep[..., None])
     folded = mid & ~kept
     has_state = folded.any(-1)  # [B, 1, mq]
@@ -370,11 +376,6 @@ def build_levels(
     return levels
 
 
-def _reads_at(weight: torch.Tensor, lvl: torch.Tensor, R: int) -> torch.Tensor:
-    """Reads of each row: ``weight * 2**-level`` per tile, 0 for a dropped tile (``R + 1``)."""
-    return torch.where(lvl > R, 0.0, weight * torch.exp2(-lvl.clamp(max=R))).sum(-1)
-
-
 def _levels_by_bisection(base: torch.Tensor, weight: torch.Tensor, bl: torch.Tensor,
                          R: int) -> torch.Tensor:
     """Levels ``clamp(ceil(base - x), 0, R + 1)`` at the largest ``x = log2(lam)`` whose
@@ -386,19 +387,41 @@ def _levels_by_bisection(base: torch.Tensor, weight: torch.Tensor, bl: torch.Ten
     perplexity on [4k, 8k) from x1.336 to x1.198; at 0.25 x1.056 to x1.055).
     36 halvings leave 2.5e-9, far finer than the gaps between distinct level
     thresholds of real inputs.
+
+    ``weight`` must be 0 or one common value per row (a kept tile's reads at
+    level 0, as `build_levels` passes it). Then a row's reads at ``x`` only
+    need how many of its tiles sit at each level, and a tile is at level
+    ``<= l`` exactly when ``base <= x + l``: each step is one ``searchsorted``
+    of ``R + 1`` points into the row's sorted ``base``, not a pass over the
+    whole ``[B, Hkv, mq, mk]`` table (the whole level rule at 16k tokens, tile 32,
+    budget 0.1: 111 ms -> 42 ms on the CPU, same tables on six shapes).
     """
+    shape = base.shape
+    mk = shape[-1]
+    w = weight.expand(shape)
+    live = w > 0
+    keys = torch.where(live, base, math.inf).reshape(-1, mk).sort(-1).values  # [rows, mk]
+    w_row = w.amax(-1).reshape(-1)  # [rows]
+    budget = bl.expand(shape[:-1]).reshape(-1)
+    ls = torch.arange(R + 1, dtype=base.dtype, device=base.device)
+    # reads per tile at level l relative to level 0: 2**-l; the count at level <= l
+    # minus the count at level <= l - 1 is the number of tiles at exactly l
+    rel = torch.exp2(-ls)
+    rel = rel - torch.cat([rel[1:], rel.new_zeros(1)])  # sum_l c_l (2**-l - 2**-(l+1)), 0 past R
 
-    def levels_at(x: torch.Tensor) -> torch.Tensor:
-        return torch.ceil(base - x[..., None] - 1e-9).clamp_(0, R + 1)
+    def reads(x: torch.Tensor) -> torch.Tensor:
+        c = torch.searchsorted(keys, x[:, None] + 1e-9 + ls, right=True)  # [rows, R + 1]
+        return (c.to(base.dtype) * rel).sum(-1) * w_row
 
-    lo = torch.full(bl.shape, -87.0, dtype=torch.float64, device=base.device)
-    hi = torch.full_like(lo, 87.0)
+    lo = torch.full_like(budget, -87.0)
+    hi = torch.full_like(budget, 87.0)
     for _ in range(36):
         midv = 0.5 * (lo + hi)
-        ok = _reads_at(weight, levels_at(midv), R) <= bl
+        ok = reads(midv) <= budget
         lo = torch.where(ok, midv, lo)
         hi = torch.where(ok, hi, midv)
-    return levels_at(lo)
+    x = lo.reshape(shape[:-1])
+    return torch.ceil(base - x[..., None] - 1e-9).clamp_(0, R + 1)
 
 
 def _levels_by_sort(base: torch.Tensor, weight: torch.Tensor, bl: torch.Tensor,
