@@ -27,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nanite_compile import NaniteConfig
 from nanite_compile.kernels import cpu as cpu_kernels
 from nanite_compile.kernels.levels import STATE, TileParams
 from nanite_compile.kernels.reference import random_features, tiled_attention
@@ -99,7 +100,8 @@ def _measure(n, args, dev, dtype, fast, rows, series, sdpa_series) -> None:
         sdpa_series[0].append(n)
         sdpa_series[1].append(t_sdpa)
     for b in args.budgets:
-        p = TileParams(tile=args.tile, window=2, anchors=1, horizon=None, budget=b,
+        p = TileParams(tile=args.tile, window=args.window, anchors=args.anchors,
+                       horizon=None, budget=b,
                        budget_reads=None, state_features=args.head_dim)
         stats: dict = {}
 
@@ -141,7 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads", type=int, default=9)
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--tile", type=int, default=64)
+    defaults = NaniteConfig()
+    ap.add_argument("--tile", type=int, default=defaults.tile,
+                    help=f"tile size (default: NaniteConfig's, {defaults.tile})")
+    ap.add_argument("--window", type=int, default=defaults.window,
+                    help=f"near field in tiles (default {defaults.window})")
+    ap.add_argument("--anchors", type=int, default=defaults.anchors,
+                    help=f"anchor tiles (default {defaults.anchors})")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sdpa-max", type=int, default=32768, help="longest N to run SDPA at")
     ap.add_argument("--profile", action="store_true",
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         _measure(n, args, dev, dtype, fast, rows, series, sdpa_series)
     threads = f"{torch.get_num_threads()} threads" if dev == "cpu" else torch.cuda.get_device_name()
     print(f"causal attention, B=1, H={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, "
-          f"tile={args.tile}, {str(dtype).removeprefix('torch.')}, {threads}, device={dev}")
+          f"tile={args.tile}, window={args.window}, anchors={args.anchors}, {str(dtype).removeprefix('torch.')}, {threads}, device={dev}")
     headers = ["N", "budget", "SDPA ms", "tiled ms", "speedup", "reads/orig"]
     if dev == "cuda":
         headers += ["kernel ms", "impl", "SDPA MiB", "tiled MiB"]
@@ -194,7 +202,8 @@ def _profile(n, args, dev, dtype, fast) -> None:
     v = torch.randn(1, args.kv_heads, n, args.head_dim, device=dev, dtype=dtype)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     for b in args.budgets:
-        p = TileParams(tile=args.tile, window=2, anchors=1, horizon=None, budget=b,
+        p = TileParams(tile=args.tile, window=args.window, anchors=args.anchors,
+                       horizon=None, budget=b,
                        budget_reads=None, state_features=args.head_dim)
 
         def call(p=p):

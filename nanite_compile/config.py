@@ -99,9 +99,15 @@ class NaniteConfig:
 
     budget: float = 0.25
     budget_reads: int | None = None
-    tile: int = 64
-    window: int = 2
-    anchors: int = 1
+    # tile 32 with a near field of 4 tiles and 2 anchor tiles (the same 128 / 64 tokens
+    # as tile 64 with 2 and 1): the level table gets a row per 32 queries, estimated from
+    # the 32 before it. SmolLM2, 8192 tokens of Hamlet, [4k, 8k) perplexity against the
+    # original: budget 0.25 x1.056 (tile 64: x1.075; sinks + window: x1.065), budget 0.1
+    # x1.210 (x1.220); the CPU op takes about 1.5x tile 64's time (benchmarks/speed.py
+    # --tile 64 --window 2 --anchors 1 for the faster setting)
+    tile: int = 32
+    window: int = 4
+    anchors: int = 2
     horizon: int | None = None
     state_features: int = 64
     sharpness: float = DEFAULT_SHARPNESS
