@@ -38,6 +38,8 @@ _CONFIG_OPTIONS = [
     ("state_features", int, "width of the recurrent state's feature map (0: no state)"),
     ("sharpness", float, "how sharply tile reads follow the estimated attention mass (0: old rule)"),
     ("max_error", float, "with --calibration: keep a site exact if its error stays above this"),
+    ("plan_check", bool, "with --calibration: keep the cost model's plan only if the calibration "
+                         "text's loss is no worse than with the uniform budget"),
     ("seed", int, "seed of the random features"),
     ("impl", str, "operator implementation: auto, torch or triton"),
     ("chunk_bytes", int, "scratch memory bound of one chunk of query tiles"),
@@ -422,6 +424,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             "dest": name,
             "help": f"{text} (default: {default})",
         }
+        if typ is bool:  # --plan-check / --no-plan-check
+            del kw["type"]
+            kw["action"] = argparse.BooleanOptionalAction
         if name == "impl":
             kw["choices"] = ("auto", "torch", "triton")
         g.add_argument(flag, **kw)

@@ -145,6 +145,17 @@ def test_help_on_every_command(capsys):
             assert w in out, (cmd, w)
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ([], True), (["--no-plan-check"], False), (["--plan-check"], True),
+])
+def test_bool_config_flags(flags, expected):
+    """Boolean NaniteConfig options get --x / --no-x flags; left out, the config default holds."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["convert", "model.gguf", "--tile", "16", *flags])
+    cfg = cli._config(args)
+    assert cfg.plan_check is expected and cfg.tile == 16
+
+
 def test_convert_saves_and_reports(converted_dirs):
     rc, out, err, saved, rep = converted_dirs
     assert rc == 0, err
