@@ -285,7 +285,7 @@ def _sdpa_as_nanite(backend: NaniteBackend, args: tuple, kwargs: dict):
     scale = a["scale"] if a["scale"] is not None else q.shape[-1] ** -0.5
     return torch.ops.nanite.tiled_attention(
         q, k, v, a["attn_mask"], scale, bool(a["is_causal"]),
-        *plan_args(p, backend.config.seed, sites[0].site + backend.site_tag),
+        *plan_args(p, backend.config.seed, sites[0].site + backend.site_tag, backend.config.impl),
     )
 
 

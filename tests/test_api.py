@@ -514,3 +514,25 @@ def test_import_does_not_import_triton():
     code = "import nanite_compile, sys; assert 'triton' not in sys.modules, 'triton imported'"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_config_impl_reaches_the_op(monkeypatch):
+    """NaniteConfig.impl is carried into every rewritten call: 'torch' runs PyTorch on the
+    CPU; 'triton' on CPU tensors without the interpreter fails with the fix in the message."""
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(1, 96, 32)
+    with torch.no_grad():
+        want = model(x)
+    for impl in ("torch", "triton"):
+        cfg = NaniteConfig(budget=0.5, tile=16, window=2, anchors=1, impl=impl)
+        conv = nanite_compile.convert(model, config=cfg)
+        if impl == "torch":
+            with recording() as rec, torch.no_grad():
+                got = conv(x)
+            assert {r["impl"] for rs in rec.values() for r in rs} == {"cpu"}
+            assert torch.isfinite(got).all() and (got - want).norm() < 0.5 * want.norm()
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", "0")
+            with pytest.raises(RuntimeError, match="impl='triton'"), torch.no_grad():
+                conv(x)

@@ -129,18 +129,42 @@ def _resolve(site: str, *plan) -> TileParams:
 _TRITON: list = []  # the Triton module, or None when Triton is missing, once looked up
 
 
-def _fast_path(q: torch.Tensor):
-    """The fast implementation for q's device: Triton on CUDA when installed, else ``cpu.py``.
+IMPLS = ("auto", "torch", "triton")
 
-    Which one ran (or ``"reference"`` when neither applied) is recorded as ``impl``.
+
+def _triton_module():
+    if not _TRITON:
+        from . import triton_attn
+
+        _TRITON.append(triton_attn if triton_attn.available() else None)
+    return _TRITON[0]
+
+
+def _fast_path(q: torch.Tensor, impl: str = "auto"):
+    """The fast implementation ``impl`` asks for on q's device.
+
+    ``"auto"``: Triton on CUDA when installed, else ``cpu.py`` (which applies on
+    the CPU only; elsewhere the reference arithmetic runs). ``"torch"``: never
+    Triton. ``"triton"``: the Triton kernel, or an error saying what is missing.
+    Which implementation ran is recorded as ``impl`` (``cpu``, ``triton_attn``
+    or ``reference``).
     """
-    if q.device.type == "cuda":
-        if not _TRITON:
-            from . import triton_attn
-
-            _TRITON.append(triton_attn if triton_attn.available() else None)
-        if _TRITON[0] is not None:
-            return _TRITON[0]
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return _cpu
+    if impl == "triton":
+        mod = _triton_module()
+        if mod is None:
+            raise RuntimeError("impl='triton' but Triton is not installed: pip install triton, "
+                               "or convert with impl='auto' or 'torch'")
+        if q.device.type != "cuda" and not mod._interpreting():
+            raise RuntimeError(f"impl='triton' runs on CUDA tensors (got {q.device.type}; on the "
+                               "CPU only under TRITON_INTERPRET=1): move the model to a GPU or "
+                               "convert with impl='auto' or 'torch'")
+        return mod
+    if q.device.type == "cuda" and _triton_module() is not None:
+        return _TRITON[0]
     return _cpu
 
 
@@ -162,6 +186,7 @@ def tiled_attention(
     seed: int,
     site: str,
     sharpness: float = DEFAULT_SHARPNESS,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Tiled attention, DESIGN.md section 1.
 
@@ -180,6 +205,9 @@ def tiled_attention(
             replaces the plan arguments.
         sharpness: how sharply key reads follow the query-aware mass
             estimate (0: density over distance).
+        impl: ``"auto"``, ``"torch"`` or ``"triton"`` (`NaniteConfig.impl`): an
+            explicit ``"triton"`` raises where the kernel cannot run the tiled
+            path instead of falling back to PyTorch.
 
     Returns:
         ``[B, H, Nq, Dv]`` in q's dtype.
@@ -195,7 +223,8 @@ def tiled_attention(
                       state_features, sharpness)
     site = site_name(site)
     store = _RECORDER.get()
-    stats: dict | None = {} if store is not None else None
+    # the records cost a host sync (reads per query): kept only when someone reads them
+    stats: dict | None = {} if store is not None or impl == "triton" else None
     # one query whose k/v a bounded generation cache handed over (kernels/decode.py):
     # its counts and state come from the cache, the mask from the cache's own validity
     compressed = _decode.lookup(q, k, v) if q.shape[2] == 1 else None
@@ -206,10 +235,17 @@ def tiled_attention(
                          reads_per_query=float(k.shape[2]) + (
                              compressed.state_z.shape[-1] if compressed.state_z is not None else 0))
     else:
+        fast = _fast_path(q, impl)
         out = _tiled_reference(
             q, k, v, attn_mask, scale=scale, is_causal=is_causal, params=params, seed=seed,
-            stats=stats, fast=_fast_path(q),
+            stats=stats, fast=fast,
         ).contiguous()
+        if impl == "triton" and stats.get("path") == "tiled" and stats.get("impl") != "triton_attn":
+            raise RuntimeError(
+                "impl='triton': the Triton kernel does not take this call (it needs fp32/fp16/"
+                f"bf16, head widths up to 256 and no sliding window; got {q.dtype}, "
+                f"D={q.shape[-1]}, Dv={v.shape[-1]}, mask {stats.get('mask', '?')}); convert "
+                "with impl='auto' to let PyTorch run it")
     if store is not None:
         rec = {
             "path": stats.get("path"),
@@ -233,7 +269,7 @@ def tiled_attention(
 
 @tiled_attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, tile, window, anchors, horizon, budget,
-      budget_reads, state_features, seed, site, sharpness=DEFAULT_SHARPNESS):
+      budget_reads, state_features, seed, site, sharpness=DEFAULT_SHARPNESS, impl="auto"):
     torch._check(q.dim() == 4, lambda: "q must be [B, H, N, D]")
     torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be [B, Hkv, N, D]")
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
@@ -283,6 +319,7 @@ def _(grad, q, k, v, attn_mask, *rest):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask = inputs[:4]
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(q, k, v, attn_mask if attn_mask is not None else q.new_empty(0))
     ctx.has_mask = attn_mask is not None
     scale, is_causal = inputs[4:6]
@@ -299,7 +336,7 @@ def _backward(ctx, grad):
     q, k, v, mask = ctx.saved_tensors
     mask = mask if ctx.has_mask else None
     gq, gk, gv = tiled_attention_backward(grad.contiguous(), q, k, v, mask, *ctx.rest)
-    return (gq, gk, gv) + (None,) * 13
+    return (gq, gk, gv) + (None,) * (ctx.n_inputs - 3)
 
 
 tiled_attention.register_autograd(_backward, setup_context=_setup_context)

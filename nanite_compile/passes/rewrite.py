@@ -140,15 +140,16 @@ def _keep_node(node: fx.Node) -> bool:
     return node.is_impure()
 
 
-def plan_args(p: TileParams, seed: int, site: str) -> tuple:
+def plan_args(p: TileParams, seed: int, site: str, impl: str = "auto") -> tuple:
     """The op's scalar arguments after ``is_causal``, in schema order (None as -1 / 0).
 
     ``site`` is the op's site key: the report name, plus ``@tag`` for a
     conversion whose cost model may later set the site's plan by that key.
+    ``impl`` is `NaniteConfig.impl`.
     """
     return (p.tile, p.window, p.anchors, -1 if p.horizon is None else p.horizon, p.budget,
             0 if p.budget_reads is None else p.budget_reads, p.state_features, seed, site,
-            p.sharpness)
+            p.sharpness, impl)
 
 
 def _plan_dict(p: TileParams) -> dict:
@@ -174,7 +175,8 @@ def _emit(gm: fx.GraphModule, m: AttentionMatch, p: TileParams, site: str, ctx: 
             scale = 1.0 / math.sqrt(int(d))
         new = graph.call_function(
             torch.ops.nanite.tiled_attention.default,
-            (q, k, v, mask, scale, bool(m.is_causal), *plan_args(p, ctx.config.seed, site + ctx.site_tag)),
+            (q, k, v, mask, scale, bool(m.is_causal), *plan_args(p, ctx.config.seed, site + ctx.site_tag,
+                                                               ctx.config.impl)),
         )
         if m.view_4d:
             new = graph.call_method("squeeze", (new, 0))

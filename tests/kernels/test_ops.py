@@ -224,3 +224,27 @@ def test_decode(padded):
     assert_golden(full, golden, base)  # tiled, every tile EXACT
     assert cheap.shape == (2, 4, 1, 16) and bool(torch.isfinite(cheap).all())
     assert rec["site"][2]["reads_per_query"] < rec["site"][2]["exact_reads_per_query"]
+
+
+def test_impl_choice_is_honoured(monkeypatch):
+    """``impl`` picks the implementation: ``torch`` runs PyTorch, ``triton`` the kernel
+    (here under the interpreter) or a clear error, never a silent fallback."""
+    q, k, v = qkv(1, 4, 2, 96, 96, 16, seed=7, dtype=torch.float32)
+    args = (q, k, v, None, 0.25, True, *plan(0.25, tile=16, window=2, features=0, site="s"))
+    with ops.recording() as rec:
+        out_t = OP(*args, 6.0, "torch")
+        out_a = OP(*args, 6.0, "auto")
+    assert [r["impl"] for r in rec["s"]] == ["cpu", "cpu"]
+    torch.testing.assert_close(out_t, out_a)
+
+    triton_attn = pytest.importorskip("nanite_compile.kernels.triton_attn")
+    if triton_attn.available() and triton_attn._interpreting():
+        with ops.recording() as rec:
+            out_k = OP(*args, 6.0, "triton")
+        assert rec["s"][0]["impl"] == "triton_attn"
+        torch.testing.assert_close(out_k, out_t, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET|not installed"):
+        OP(*args, 6.0, "triton")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        OP(*args, 6.0, "cuda")
