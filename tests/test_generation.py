@@ -173,7 +173,9 @@ def llama():
 def converted(llama):
     calib = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(1))
     return {
-        b: nanite_compile.convert(llama, config=NaniteConfig(budget=b, tile=16), calibration=calib)
+        # a near field of 2 tiles and 1 anchor: a 64-token bounded cache still compresses
+        b: nanite_compile.convert(llama, config=NaniteConfig(budget=b, tile=16, window=2, anchors=1),
+                                  calibration=calib)
         for b in (1.0, 0.25)
     }
 

@@ -228,7 +228,8 @@ def ids(n, seed):
 def calibrated():
     model = tiny_llama()
     # the plan's mechanics, unchecked: on random weights the loss check may reject it
-    cfg = NaniteConfig(tile=16, budget=0.3, plan_check=False)
+    # near field and anchors of 3 of the 24 tiles, so the budget is feasible at 384 tokens
+    cfg = NaniteConfig(tile=16, window=2, anchors=1, budget=0.3, plan_check=False)
     calib = [ids(384, 1), ids(384, 2)]
     conv = nanite_compile.convert(model, config=cfg, calibration=calib)
     return model, cfg, calib, conv
