@@ -47,7 +47,7 @@ def logits(model, x, **kw):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_budget_one_equals_original_on_cuda(attn):
     model = cuda_llama(attn=attn)
-    conv = nanite_compile.convert(model, config=NaniteConfig(tile=64, budget=1.0))
+    conv = nanite_compile.convert(model, config=NaniteConfig(tile=64, window=2, anchors=1, budget=1.0))
     x = ids(700)
     ref, out = logits(model, x), logits(conv, x)
     assert torch.isfinite(out).all()
@@ -58,7 +58,7 @@ def test_budget_one_equals_original_on_cuda(attn):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_budget_runs_the_triton_kernel(dtype):
     model = cuda_llama(dtype)
-    conv = nanite_compile.convert(model, config=NaniteConfig(tile=64, budget=0.25))
+    conv = nanite_compile.convert(model, config=NaniteConfig(tile=64, window=2, anchors=1, budget=0.25))
     x = ids(2048)
     with ops.recording(measure_error=True) as rec:
         out = logits(conv, x)
@@ -76,7 +76,7 @@ def test_low_budget_runs_the_triton_kernel(dtype):
 
 def test_padded_batch_on_cuda():
     model = cuda_llama()
-    conv = nanite_compile.convert(model, config=NaniteConfig(tile=64, budget=1.0))
+    conv = nanite_compile.convert(model, config=NaniteConfig(tile=64, window=2, anchors=1, budget=1.0))
     x = ids(300, batch=2)
     mask = torch.ones_like(x)
     mask[1, 250:] = 0  # right padding
@@ -88,7 +88,7 @@ def test_padded_batch_on_cuda():
 
 def test_generate_on_cuda_matches_at_full_budget():
     model = cuda_llama()
-    conv = nanite_compile.convert(model, config=NaniteConfig(tile=64, budget=1.0))
+    conv = nanite_compile.convert(model, config=NaniteConfig(tile=64, window=2, anchors=1, budget=1.0))
     x = ids(200)
     with torch.no_grad():
         want = model.generate(x, max_new_tokens=12, do_sample=False)
@@ -98,7 +98,7 @@ def test_generate_on_cuda_matches_at_full_budget():
 
 def test_bounded_generation_on_cuda_runs():
     model = cuda_llama()
-    conv = nanite_compile.convert(model, config=NaniteConfig(tile=64, budget=0.25))
+    conv = nanite_compile.convert(model, config=NaniteConfig(tile=64, window=2, anchors=1, budget=0.25))
     x = ids(1500)
     with torch.no_grad():
         got = nanite_compile.generate(conv, x, max_new_tokens=8)

@@ -417,7 +417,7 @@ def test_draw(d: Draw):
     ref, valid = forward(model, d, inp, dtype)
     ref64, _ = forward(model64, d, inp, torch.float64)
     del model64
-    cfg = NaniteConfig(tile=TILE)
+    cfg = NaniteConfig(tile=TILE, window=2, anchors=1)
     # RoBERTa: the default probe overruns its position table (see test_roberta_default_probe)
     cal = inp.kwargs["input_ids"][:1, :16] if d.arch == "roberta" else None
 
@@ -446,7 +446,8 @@ def test_roberta_default_probe():
     convert() with no calibration must probe within that (roberta-base: 514 rows)."""
     d = make_draw(next(s for s in SEEDS if ARCHS[s % len(ARCHS)] == "roberta"))
     model = build(d).eval()
-    conv = nanite_compile.convert(model, budget=1.0, config=NaniteConfig(tile=TILE))
+    conv = nanite_compile.convert(model, budget=1.0, config=NaniteConfig(
+        tile=TILE, window=2, anchors=1))
     rep = nanite_compile.report(conv)
     assert len(rep.sites) == d.layers and all(s.status == "rewritten" for s in rep.sites)
 
@@ -467,7 +468,8 @@ def test_falcon_alibi_sites_stay_exact(impl):
     ids = torch.randint(FIRST_ID, VOCAB, (2, 3 * TILE + 5), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
-    conv = nanite_compile.convert(model, budget=LOW_BUDGET, config=NaniteConfig(tile=TILE))
+    conv = nanite_compile.convert(model, budget=LOW_BUDGET, config=NaniteConfig(
+        tile=TILE, window=2, anchors=1))
     rep = nanite_compile.report(conv)
     assert len(rep.sites) == 2, site_text(rep)
     for s in rep.sites:

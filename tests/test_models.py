@@ -1,7 +1,8 @@
 """Models converted with no hand edits (issue 2).
 
 Each case is a tiny randomly initialised model built from a config (hidden 32,
-2 layers, 200 tokens, so ``NaniteConfig(tile=16)`` gives 13 tiles). For every
+2 layers, 200 tokens, so ``NaniteConfig(tile=16)`` gives 13 tiles; near field 2
+tiles and 1 anchor, so that budget 0.25 coarsens most of them). For every
 case: at budget 1.0 the converted output equals the original's within fp32
 rounding (measured against an fp64 copy of the original), the report counts
 every attention site, at budget 0.25 the output is finite, ``state_dict`` keys
@@ -358,7 +359,8 @@ class Bundle:
     def _convert(self, budget):
         cal = self.case.calibration() if self.case.calibration else None
         conv = nanite_compile.convert(
-            self.model, budget=budget, calibration=cal, config=NaniteConfig(tile=TILE)
+            self.model, budget=budget, calibration=cal,
+            config=NaniteConfig(tile=TILE, window=2, anchors=1),
         )
         return conv, run(conv, self.inputs)  # the first forward also captures a plain module
 
