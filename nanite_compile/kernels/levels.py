@@ -274,7 +274,7 @@ def build_levels(
         solver: how each row's multiplier is found (same tables up to ties at
             the 1e-9 level): ``"bisect"`` (36 halvings; cheapest on a CPU),
             ``"sort"`` (exact, from the sorted level thresholds; a few
-            launches, for a GPU), None: ``"sort"`` on CUDA, else ``"bisect"``.
+            launches, for a GPU), None: `default_solver`.
 
     Returns:
         ``[B, Hkv, mq, mk]`` int8 level table.
@@ -360,7 +360,7 @@ def build_levels(
 
     bl = budget_left.expand(b, hkv, -1)
     if solver is None:
-        solver = "sort" if dev.type == "cuda" else "bisect"
+        solver = default_solver(dev, base.numel(), R)
     if solver == "sort":
         lvl = _levels_by_sort(base, weight, bl, R)
     elif solver == "bisect":
@@ -374,6 +374,20 @@ def build_levels(
                          torch.tensor(STATE if use_state else R, dtype=torch.int8, device=dev),
                          levels)
     return levels
+
+
+# the sort solver holds about four [B, Hkv, mq, mk, R + 1] fp64/int64 tensors at once;
+# past this many elements in one of them (128 MiB) the bisection, which needs none, runs
+SORT_SOLVER_MAX_ELEMENTS = 2**24
+
+
+def default_solver(device: torch.device, numel: int, R: int) -> str:
+    """``"sort"`` on CUDA (a few launches instead of 36 steps) while its scratch stays
+    small: ``numel * (R + 1)`` elements per tensor, ``numel`` the table's size; else
+    ``"bisect"`` (at tile 32 and 64k tokens the sort would need about 2.4 GB)."""
+    if device.type == "cuda" and numel * (R + 1) <= SORT_SOLVER_MAX_ELEMENTS:
+        return "sort"
+    return "bisect"
 
 
 def _levels_by_bisection(base: torch.Tensor, weight: torch.Tensor, bl: torch.Tensor,

@@ -25,6 +25,7 @@ from nanite_compile.kernels.levels import (
     STATE,
     TileParams,
     build_levels,
+    default_solver,
     level_reads,
     tile_density,
     tile_importance,
@@ -765,6 +766,15 @@ def test_level_solvers_agree(budget, sharpness):
     assert tables[0].shape == (2, hkv, mk, mk)
     assert (tables[0] > 0).any(), "the budget should coarsen some tiles"
     assert torch.equal(tables[0], tables[1])
+
+
+def test_default_solver_bounds_the_sort_scratch():
+    """The exact sort solver runs on CUDA only while its [.., mk, R + 1] scratch is small;
+    long contexts (tile 32, 64k tokens: 3 x 2048 x 2048 tables) take the bisection."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_solver(cuda, 3 * 128 * 128, 5) == "sort"  # 8k tokens, tile 64
+    assert default_solver(cuda, 3 * 2048 * 2048, 5) == "bisect"  # 64k tokens, tile 32
+    assert default_solver(cpu, 3 * 128 * 128, 5) == "bisect"
 
 
 def test_tiles_wanting_less_than_one_read_are_dropped_lowest_mass_first():
