@@ -411,7 +411,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    from .config import NaniteConfig
+    from .config import IMPLS, NaniteConfig
 
     defaults = NaniteConfig()
     g = p.add_argument_group("conversion options (NaniteConfig)")
@@ -428,7 +428,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             del kw["type"]
             kw["action"] = argparse.BooleanOptionalAction
         if name == "impl":
-            kw["choices"] = ("auto", "torch", "triton")
+            kw["choices"] = IMPLS
         g.add_argument(flag, **kw)
 
 

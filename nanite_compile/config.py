@@ -17,7 +17,8 @@ from typing import Any
 from .kernels.levels import DEFAULT_SHARPNESS
 
 _INNER = ("inductor", "eager")
-_IMPL = ("auto", "torch", "triton")
+# the operator implementations (`NaniteConfig.impl`; the op and the CLI read this too)
+IMPLS = ("auto", "torch", "triton")
 _FEATURE_MAPS = ("prf",)
 
 
@@ -147,8 +148,8 @@ class NaniteConfig:
             raise TypeError(f"plan_check must be True or False, got {self.plan_check!r}")
         if self.feature_map not in _FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {_FEATURE_MAPS}, got {self.feature_map!r}")
-        if self.impl not in _IMPL:
-            raise ValueError(f"impl must be one of {_IMPL}, got {self.impl!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
         if self.inner not in _INNER:
             raise ValueError(f"inner must be one of {_INNER}, got {self.inner!r}")
         if self.extra:

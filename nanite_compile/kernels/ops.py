@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..config import IMPLS
 from . import cpu as _cpu
 from . import decode as _decode
 from .levels import DEFAULT_SHARPNESS, TileParams
@@ -129,9 +130,6 @@ def _resolve(site: str, *plan) -> TileParams:
 _TRITON: list = []  # the Triton module, or None when Triton is missing, once looked up
 
 
-IMPLS = ("auto", "torch", "triton")
-
-
 def _triton_module():
     if not _TRITON:
         from . import triton_attn
@@ -164,7 +162,7 @@ def _fast_path(q: torch.Tensor, impl: str = "auto"):
                                "convert with impl='auto' or 'torch'")
         return mod
     if q.device.type == "cuda" and _triton_module() is not None:
-        return _TRITON[0]
+        return _triton_module()
     return _cpu
 
 
@@ -223,8 +221,7 @@ def tiled_attention(
                       state_features, sharpness)
     site = site_name(site)
     store = _RECORDER.get()
-    # the records cost a host sync (reads per query): kept only when someone reads them
-    stats: dict | None = {} if store is not None or impl == "triton" else None
+    stats: dict | None = {} if store is not None else None
     # one query whose k/v a bounded generation cache handed over (kernels/decode.py):
     # its counts and state come from the cache, the mask from the cache's own validity
     compressed = _decode.lookup(q, k, v) if q.shape[2] == 1 else None
@@ -235,17 +232,10 @@ def tiled_attention(
                          reads_per_query=float(k.shape[2]) + (
                              compressed.state_z.shape[-1] if compressed.state_z is not None else 0))
     else:
-        fast = _fast_path(q, impl)
         out = _tiled_reference(
             q, k, v, attn_mask, scale=scale, is_causal=is_causal, params=params, seed=seed,
-            stats=stats, fast=fast,
+            stats=stats, fast=_fast_path(q, impl), require_fast=impl == "triton",
         ).contiguous()
-        if impl == "triton" and stats.get("path") == "tiled" and stats.get("impl") != "triton_attn":
-            raise RuntimeError(
-                "impl='triton': the Triton kernel does not take this call (it needs fp32/fp16/"
-                f"bf16, head widths up to 256 and no sliding window; got {q.dtype}, "
-                f"D={q.shape[-1]}, Dv={v.shape[-1]}, mask {stats.get('mask', '?')}); convert "
-                "with impl='auto' to let PyTorch run it")
     if store is not None:
         rec = {
             "path": stats.get("path"),

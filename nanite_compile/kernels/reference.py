@@ -309,6 +309,7 @@ def tiled_attention(
     stats: dict | None = None,
     fast=None,
     reuse: dict | None = None,
+    require_fast: bool = False,
 ) -> torch.Tensor:
     """Tiled attention with the run-time level rule: the operator's CPU path.
 
@@ -323,6 +324,9 @@ def tiled_attention(
     levels, ...)`` (the arguments of ``kernels/cpu.py``'s
     ``tiled_attention_cpu``; ``kernels/triton_attn.py`` has the same) used in
     place of the reference arithmetic where it applies; the level table is the same.
+    ``require_fast``: raise instead of running the reference where ``fast`` does not
+    apply (``NaniteConfig.impl="triton"`` never falls back silently); exact fallbacks
+    (budget 1.0, masks the tiles cannot express, ...) stay as they are.
     ``reuse``, when given, keeps the budget-independent part of the level rule
     (tile density and the query-aware mass estimate) between calls on the
     same inputs with plans that differ only in budget (the cost model's ladder).
@@ -404,7 +408,14 @@ def tiled_attention(
                                        _compute_dtype(q))
     impl = "reference"
     with _stage("nanite.attend"):
-        if fast is not None and fast.supports(q, v, window):
+        use_fast = fast is not None and fast.supports(q, v, window)
+        if require_fast and not use_fast:
+            raise RuntimeError(
+                f"{getattr(fast, '__name__', 'no fast path')} does not take this call (the "
+                f"Triton kernel needs fp32/fp16/bf16, head widths up to 256 and no sliding "
+                f"window; got {q.dtype}, D={d}, Dv={v.shape[-1]}, window={window}): convert "
+                "with impl='auto' to let PyTorch run it")
+        if use_fast:
             impl = fast.__name__.rsplit(".", 1)[-1]
             out = fast.run(
                 q, k, v, levels, scale=scale, causal=causal, tile=T, key_valid=key_valid,

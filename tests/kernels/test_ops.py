@@ -243,6 +243,10 @@ def test_impl_choice_is_honoured(monkeypatch):
             out_k = OP(*args, 6.0, "triton")
         assert rec["s"][0]["impl"] == "triton_attn"
         torch.testing.assert_close(out_k, out_t, rtol=1e-4, atol=1e-4)
+        # fp64 is not a Triton dtype: raised before any attention is computed, no fallback
+        a64 = (q.double(), k.double(), v.double(), *args[3:])
+        with pytest.raises(RuntimeError, match="does not take this call.*float64"):
+            OP(*a64, 6.0, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET|not installed"):
         OP(*args, 6.0, "triton")
