@@ -356,15 +356,14 @@ def build_levels(
     # everything that does not depend on lam is computed once (the loop is launch-bound
     # on a GPU and memory-bound on the CPU)
     base = (math.log2(T) - torch.log2(prio)).expand(b, hkv, -1, -1)  # [B, Hkv, mq, mk]
-    weight = kept.to(torch.float64) * T  # reads of a kept tile at level 0
 
     bl = budget_left.expand(b, hkv, -1)
     if solver is None:
         solver = default_solver(dev, base.numel(), R)
     if solver == "sort":
-        lvl = _levels_by_sort(base, weight, bl, R)
+        lvl = _levels_by_sort(base, kept, T, bl, R)
     elif solver == "bisect":
-        lvl = _levels_by_bisection(base, weight, bl, R)
+        lvl = _levels_by_bisection(base, kept, T, bl, R)
     else:
         raise ValueError(f"solver must be 'sort', 'bisect' or None, got {solver!r}")
     kept_b = kept.expand(b, hkv, -1, -1)
@@ -390,7 +389,7 @@ def default_solver(device: torch.device, numel: int, R: int) -> str:
     return "bisect"
 
 
-def _levels_by_bisection(base: torch.Tensor, weight: torch.Tensor, bl: torch.Tensor,
+def _levels_by_bisection(base: torch.Tensor, kept: torch.Tensor, T: int, bl: torch.Tensor,
                          R: int) -> torch.Tensor:
     """Levels ``clamp(ceil(base - x), 0, R + 1)`` at the largest ``x = log2(lam)`` whose
     reads fit ``bl``, per row, by bisection on ``x`` in [-87, 87].
@@ -402,9 +401,8 @@ def _levels_by_bisection(base: torch.Tensor, weight: torch.Tensor, bl: torch.Ten
     36 halvings leave 2.5e-9, far finer than the gaps between distinct level
     thresholds of real inputs.
 
-    ``weight`` must be 0 or one common value per row (a kept tile's reads at
-    level 0, as `build_levels` passes it). Then a row's reads at ``x`` only
-    need how many of its tiles sit at each level, and a tile is at level
+    Only ``kept`` tiles count, each ``T * 2**-level`` reads, so a row's reads at
+    ``x`` only need how many of its kept tiles sit at each level, and a tile is at level
     ``<= l`` exactly when ``base <= x + l``: each step is one ``searchsorted``
     of ``R + 1`` points into the row's sorted ``base``, not a pass over the
     whole ``[B, Hkv, mq, mk]`` table (the whole level rule at 16k tokens, tile 32,
@@ -412,10 +410,7 @@ def _levels_by_bisection(base: torch.Tensor, weight: torch.Tensor, bl: torch.Ten
     """
     shape = base.shape
     mk = shape[-1]
-    w = weight.expand(shape)
-    live = w > 0
-    keys = torch.where(live, base, math.inf).reshape(-1, mk).sort(-1).values  # [rows, mk]
-    w_row = w.amax(-1).reshape(-1)  # [rows]
+    keys = torch.where(kept, base, math.inf).reshape(-1, mk).sort(-1).values  # [rows, mk]
     budget = bl.expand(shape[:-1]).reshape(-1)
     ls = torch.arange(R + 1, dtype=base.dtype, device=base.device)
     # reads per tile at level l relative to level 0: 2**-l; the count at level <= l
@@ -425,7 +420,7 @@ def _levels_by_bisection(base: torch.Tensor, weight: torch.Tensor, bl: torch.Ten
 
     def reads(x: torch.Tensor) -> torch.Tensor:
         c = torch.searchsorted(keys, x[:, None] + 1e-9 + ls, right=True)  # [rows, R + 1]
-        return (c.to(base.dtype) * rel).sum(-1) * w_row
+        return (c.to(base.dtype) * rel).sum(-1) * T
 
     lo = torch.full_like(budget, -87.0)
     hi = torch.full_like(budget, 87.0)
@@ -438,23 +433,23 @@ def _levels_by_bisection(base: torch.Tensor, weight: torch.Tensor, bl: torch.Ten
     return torch.ceil(base - x[..., None] - 1e-9).clamp_(0, R + 1)
 
 
-def _levels_by_sort(base: torch.Tensor, weight: torch.Tensor, bl: torch.Tensor,
+def _levels_by_sort(base: torch.Tensor, kept: torch.Tensor, T: int, bl: torch.Tensor,
                     R: int) -> torch.Tensor:
     """`_levels_by_bisection`'s levels, exactly, without a loop.
 
     A tile leaves level ``l + 1`` for ``l`` when ``x`` reaches its threshold
-    ``base - l - 1e-9``, adding ``weight * 2**-(l+1)`` reads (``weight * 2**-R``
+    ``base - l - 1e-9``, adding ``T * 2**-(l+1)`` reads (``T * 2**-R``
     from dropped to level ``R``). Sorting every row's thresholds and summing what
     they add gives the reads after each; the last threshold whose whole group of
     equal thresholds still fits is ``x``, clamped to the bisection's range.
     """
     ls = torch.arange(R + 1, dtype=torch.float64, device=base.device)
     thr = base[..., None] - ls - 1e-9  # [..., mk, R + 1]
-    live = weight[..., None] > 0
+    live = kept[..., None].expand(*base.shape, 1)
     thr = torch.where(live, thr, math.inf)
     gain = torch.exp2(-(ls + 1))
     gain[-1] = 2.0 ** -R  # dropped -> level R: the tile's one summary
-    add = (weight[..., None] * gain).expand_as(thr)
+    add = torch.where(live, T * gain, 0.0).expand_as(thr)
     flat, order = thr.flatten(-2).sort(-1)
     spent = add.flatten(-2).gather(-1, order).cumsum(-1)
     group_end = torch.searchsorted(flat, flat, right=True) - 1  # last equal threshold
