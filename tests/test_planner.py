@@ -26,15 +26,17 @@ def params(budget=0.25, tile=16, sharpness=3.0, **kw):
     return TileParams(**base)
 
 
-def retrieval_qkv(n=512, d=16, h=4, hkv=2, seed=0, tile=16):
-    """Keys mostly noise; each query tile copies a run of keys from one far tile."""
+def retrieval_qkv(n=512, d=16, h=4, hkv=2, seed=0, tile=16, run=1):
+    """Keys mostly noise; each query tile copies a run of keys from one far tile, the
+    same source for ``run`` consecutive query tiles."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, h, n, d, generator=g) * 0.3
     k = torch.randn(1, hkv, n, d, generator=g) * 0.3
     v = torch.randn(1, hkv, n, d, generator=g)
     G = h // hkv
     for j in range(6, n // tile):
-        src = int(torch.randint(1, j - 3, (1,), generator=g)) * tile
+        if (j - 6) % run == 0:
+            src = int(torch.randint(1, j - 3, (1,), generator=g)) * tile
         for t in range(tile):
             for hq in range(h):
                 q[0, hq, j * tile + t] = k[0, hq // G, src + t] * 8.0
@@ -72,17 +74,21 @@ def test_importance_finds_the_planted_tile():
     assert int(last.argmax()) + 1 == 70 // T
 
 
-def test_query_aware_rule_beats_density_over_distance_on_retrieval():
-    q, k, v = retrieval_qkv()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_query_aware_rule_beats_density_over_distance_on_retrieval(seed):
+    """A causal row is estimated from the tile before it, so the rule can only find what
+    a query tile needs when that persists across tiles (as in text): here each source is
+    copied by 2 consecutive query tiles. Measured: 0.79 / 0.73 / 0.79 of the density
+    rule's error (with a new source every tile, 0.86 / 0.91 / 0.94: only the tile's
+    first query carries it)."""
+    q, k, v = retrieval_qkv(seed=seed, run=2)
     ref = exact_attention(q, k, v, None, 0.25, True)
     errs = {}
     for sharp in (0.0, 3.0):
         out = tiled_attention(q, k, v, None, scale=0.25, is_causal=True,
                               params=params(0.5, sharpness=sharp), fast=cpu)
         errs[sharp] = float((out - ref).norm() / ref.norm())
-    # each query tile copies its own source tile; a causal row sees only its tile's first
-    # query and the tile before (which copies another source), so the margin is modest
-    assert errs[3.0] < 0.9 * errs[0.0], errs
+    assert errs[3.0] < 0.85 * errs[0.0], errs
 
 
 # --- allocation -----------------------------------------------------------------------
