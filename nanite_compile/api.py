@@ -411,9 +411,50 @@ def _measure(converted: nn.Module, state: _NaniteState, args: tuple, kwargs: dic
     with torch.no_grad(), recording(measure_error=True) as rec:
         converted(*args, **kwargs)
     state.records = rec
+    sites = []
     for path in state.installed:
         for site in state.backends[path].sites:
             site.absorb(rec.get(site.site, []))
+            sites.append(site)
+    note = _over_budget_note(sites)
+    if note:
+        state.notes.append(note)
+
+
+# a site whose reads exceed its budget by more than this (relative) gets named in a note
+_OVER_BUDGET_SLACK = 0.05
+
+
+def _over_budget_note(sites: list) -> str | None:
+    """A note when tiled sites read more than their budget on the measured input.
+
+    The near field, the anchor tiles, the query's own tile and one summary per older
+    tile are read at any budget; on a short input they alone can exceed it. The user
+    asked for a fraction and should see that they did not get it, and why.
+    """
+    over = []
+    for s in sites:
+        plan = s.plan or {}
+        if s.runtime_path != "tiled" or plan.get("budget_reads") is not None:
+            continue
+        budget = plan.get("budget")
+        if not budget or budget >= 1.0 or not s.exact_reads_per_query or s.reads_per_query is None:
+            continue
+        ratio = s.reads_per_query / s.exact_reads_per_query
+        if ratio > budget * (1.0 + _OVER_BUDGET_SLACK):
+            over.append((ratio, budget, s))
+    if not over:
+        return None
+    ratio, budget, worst = max(over, key=lambda t: t[0] / t[1])
+    plan = worst.plan
+    n = (worst.measured_shape or [None, None, "?"])[2]
+    return (
+        f"{len(over)} tiled site(s) read more than their budget on the measured input "
+        f"({n} tokens): {worst.site} reads x{ratio:.3f} of the original at budget {budget:g}. "
+        f"Every query reads its own tile, the near field ({plan.get('window')} tiles of "
+        f"{plan.get('tile')}), {plan.get('anchors')} anchor tile(s) and one summary per older "
+        "tile whatever the budget; longer inputs, or a smaller window, anchors or tile, "
+        "bring the reads down to the budget")
 
 
 def _capture_on_first_call(converted: nn.Module, state: _NaniteState,

@@ -359,6 +359,22 @@ def test_report_sites_say_what_was_done(llama_quarter):
     assert 0 < sm["flops_ratio"] < 1
 
 
+def test_report_notes_a_budget_the_input_is_too_short_for(llama, llama_quarter):
+    """On the 254-token probe, near field, anchors and one summary per older tile alone
+    are about two thirds of the original reads: the report says the budget was not met,
+    by how much, and why; a plan that can meet it gets no such note."""
+    rep = nanite_compile.report(llama_quarter)
+    ratios = [s.reads_per_query / s.exact_reads_per_query for s in rep.sites]
+    assert min(ratios) > 0.25 * 1.05
+    [note] = [n for n in rep.notes if "more than their budget" in n]
+    assert f"x{max(ratios):.3f}" in note and "budget 0.25" in note and "254 tokens" in note
+    assert "near field (4 tiles of 16)" in note and "2 anchor tile(s)" in note
+    lean = nanite_compile.convert(llama, budget=0.5, config=tile_cfg(window=1, anchors=0))
+    rep = nanite_compile.report(lean)
+    assert all(s.reads_per_query <= 0.5 * 1.05 * s.exact_reads_per_query for s in rep.sites)
+    assert not any("more than their budget" in n for n in rep.notes), rep.notes
+
+
 # ----------------------------------------------------------------- capture paths
 
 
