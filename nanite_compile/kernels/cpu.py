@@ -130,44 +130,65 @@ def tiled_attention_cpu(
         if not bool(((dl == EXACT) | ((dl == NONE) & (key_valid is not None))).all()):
             raise ValueError("the causal diagonal tile must be EXACT (or all padding)")
         rest = lv.masked_fill(diag, NONE)
-        # own tile: causal inside the tile, with the tile's padding keys masked
+        # own tile: causal inside the tile, with the tile's padding keys masked. The G query
+        # heads of a KV head are stacked into one block of G*T queries over the tile's T keys
+        # with the causal pattern as a bias (repeating K/V per head instead cost 2x the time)
         kt = kc.reshape(b, hkv, mk, T, d)[:, :, jq0:]
         vt = vc.reshape(b, hkv, mk, T, dv)[:, :, jq0:]
-        vt_ok = valid.reshape(b, 1, mk, T)[:, :, jq0:]  # [B,1,mq,T]
-        qd = qc.reshape(b * hkv * mq, G, T, d)
-        kd = kt.reshape(b * hkv * mq, 1, T, d).expand(-1, G, -1, -1).contiguous()
-        vd = vt.reshape(b * hkv * mq, 1, T, dv).expand(-1, G, -1, -1).contiguous()
+        rows = b * hkv * mq
+        tri = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         if key_valid is None:
-            od, ld = _flash(qd, kd, vd, 0.0, True, scale=scale)
+            allow = tri.repeat(G, 1)[None, None]  # one pattern for every row
         else:
-            tri = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            allow = tri & vt_ok.expand(b, hkv, mq, T).reshape(-1, 1, 1, T)
-            bias = torch.zeros(allow.shape, dtype=cd, device=q.device).masked_fill(~allow, -math.inf)
-            od, ld = _flash(qd, kd, vd, 0.0, False, attn_mask=bias, scale=scale)
+            vt_ok = valid.reshape(b, 1, mk, T)[:, :, jq0:]  # [B,1,mq,T]
+            allow = (tri & vt_ok.expand(b, hkv, mq, T).reshape(-1, 1, 1, T)).repeat(1, 1, G, 1)
+        bias = torch.zeros(allow.shape, dtype=cd, device=q.device).masked_fill_(~allow, -math.inf)
+        bias = bias.expand(rows, 1, G * T, T)
+        od, ld = _flash(qc.reshape(rows, 1, G * T, d), kt.reshape(rows, 1, T, d),
+                        vt.reshape(rows, 1, T, dv), 0.0, False, attn_mask=bias, scale=scale)
+        ld = ld.reshape(b, hkv, mq, G * T)
+        od = od.reshape(b, hkv, mq, G * T, dv)
+        if key_valid is not None:
             # the kernel reports lse 0 for a row with nothing to attend to: make it -inf
-            ld = ld.masked_fill(~allow.any(-1), -math.inf)
-        parts_o.append(od.reshape(b, hkv, mq, G * T, dv))
-        parts_l.append(ld.reshape(b, hkv, mq, G * T))
+            nothing = ~allow.any(-1).reshape(b, hkv, mq, G * T)
+            ld = ld.masked_fill(nothing, -math.inf)
+            od = od.masked_fill(nothing[..., None], 0.0)
+        parts_o.append(od)
+        parts_l.append(ld)
 
     has_rest = bool((rest >= 0).any())
     if has_rest:
         bank_k, bank_v, bank_lc, _, offs = _pyramid(kc, vc, valid, T)
         idx, ok = _entry_index(rest, offs, T)  # [B,Hkv,mq,P]
-        P = idx.shape[-1]
+        # a row's valid entries are a prefix of its list, padded to the longest row; rows
+        # are processed in chunks trimmed to their own longest row (under causality a row's
+        # reads grow with its position: padding every chunk to the last row's length was
+        # about half the entry copies and flash work)
+        n_ok = ok.sum(-1).amax(dim=(0, 1))  # [mq] longest list per row over batch and heads
         o_r = torch.empty(b, hkv, mq, G * T, dv, dtype=cd, device=q.device)
         l_r = torch.empty(b, hkv, mq, G * T, dtype=cd, device=q.device)
-        per_tile = b * hkv * P * (d + dv + 1) * cd.itemsize * 2 + b * hkv * G * T * P * 8
-        chunk = max(1, int(chunk_bytes // max(per_tile, 1)))
+        per_entry = b * hkv * ((d + dv + 1) * cd.itemsize * 2 + G * T * 8)
+        max_entries = max(1, int(chunk_bytes // per_entry))  # rows x entries per chunk
         qr = qc.reshape(b, hkv, mq, G * T, d)
-        for c0 in range(0, mq, chunk):
-            c1 = min(mq, c0 + chunk)
-            n_c = c1 - c0
-            ii = idx[:, :, c0:c1].reshape(b, hkv, -1)
+        lc_all = bank_lc[:, None, :].expand(b, hkv, -1)
+        c0 = 0
+        while c0 < mq:
+            # the longest chunk from c0 whose rows x (its longest row) fits the scratch bound
+            run_max = n_ok[c0:].cummax(0).values
+            cost = run_max * torch.arange(1, mq - c0 + 1, device=q.device)
+            n_c = max(1, int((cost <= max_entries).sum()))
+            c1 = c0 + n_c
+            P = int(run_max[n_c - 1])
+            if P == 0:  # no row of the chunk reads anything but its own tile
+                o_r[:, :, c0:c1] = 0.0
+                l_r[:, :, c0:c1] = -math.inf
+                c0 = c1
+                continue
+            ii = idx[:, :, c0:c1, :P].reshape(b, hkv, -1)
             kg = _take_rows(bank_k, ii, 0)
             vg = _take_rows(bank_v, ii, 1)
-            lc = bank_lc[:, None, :].expand(b, hkv, -1).gather(2, ii)
-            bias = torch.where(ok[:, :, c0:c1].reshape(b, hkv, -1), lc,
-                               torch.full_like(lc, -math.inf))
+            bias = torch.where(ok[:, :, c0:c1, :P].reshape(b, hkv, -1), lc_all.gather(2, ii),
+                               -math.inf)
             o, lse = _flash(
                 qr[:, :, c0:c1].reshape(b * hkv * n_c, 1, G * T, d),
                 kg.reshape(b * hkv * n_c, 1, P, d),
@@ -176,9 +197,15 @@ def tiled_attention_cpu(
                 attn_mask=bias.reshape(b * hkv * n_c, 1, 1, P),
                 scale=scale,
             )
-            empty = ~(bias > -math.inf).reshape(b, hkv, n_c, P).any(-1, keepdim=True)
-            o_r[:, :, c0:c1] = o.reshape(b, hkv, n_c, G * T, dv)
-            l_r[:, :, c0:c1] = lse.reshape(b, hkv, n_c, G * T).masked_fill(empty, -math.inf)
+            o = o.reshape(b, hkv, n_c, G * T, dv)
+            lse = lse.reshape(b, hkv, n_c, G * T)
+            empty = ~(bias > -math.inf).reshape(b, hkv, n_c, P).any(-1)  # [B,Hkv,n_c]
+            if bool(empty.any()):  # nothing to attend to: weight 0 (the kernel's output is 0/0)
+                lse = lse.masked_fill(empty[..., None], -math.inf)
+                o = o.masked_fill(empty[..., None, None], 0.0)
+            o_r[:, :, c0:c1] = o
+            l_r[:, :, c0:c1] = lse
+            c0 = c1
         parts_o.append(o_r)
         parts_l.append(l_r)
 
@@ -203,6 +230,14 @@ def tiled_attention_cpu(
         den_s = torch.einsum("bhcqf,bhcf->bhcq", wq, z_row)
 
     # one normaliser over all parts
+    if m_s is None and len(parts_o) == 2 and key_valid is None and causal:
+        # the common case, the own tile and the older entries: their softmaxes merge as
+        # o_own + w (o_rest - o_own) with w = sigmoid(lse_rest - lse_own), one fused pass
+        # over the output (lse_own is finite: every query sees itself; empty rests are
+        # -inf with output 0, so w = 0)
+        w = torch.sigmoid(parts_l[1] - parts_l[0])
+        out = torch.lerp(parts_o[0], parts_o[1], w[..., None])
+        return untile(out, b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)
     logs = list(parts_l) + ([m_s] if m_s is not None else [])
     M = torch.stack(logs).amax(0)
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
@@ -210,7 +245,7 @@ def tiled_attention_cpu(
     den = torch.zeros(b, hkv, mq, G * T, dtype=cd, device=q.device)
     for o, lse in zip(parts_o, parts_l, strict=True):
         a = torch.exp(lse - M)
-        num = num + a[..., None] * torch.nan_to_num(o)
+        num = num + a[..., None] * o
         den = den + a
     if m_s is not None:
         a = torch.exp(m_s - M)

@@ -190,6 +190,9 @@ def tile_importance(
     out = torch.zeros(b, hkv, mq, mk * E, dtype=f32, device=q.device)
     etile = torch.arange(mk * E, device=q.device) // E  # key tile of each mean key
     mean_t = (mean * scale).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, mk*E]
+    # every query sees tile 0: when each batch row has a valid key there, no softmax row is
+    # all -inf and the NaN scrub (a tenth of the estimate's time at 16k) can be skipped
+    scrub = not bool(key_valid[:, :T].any(-1).all())
     per_q = b * hkv * G * mk * E * 4 * 3
     step = max(T, int(chunk_bytes // max(per_q, 1)) // T * T)
     for s0 in range(0, nq, step):
@@ -199,7 +202,9 @@ def tile_importance(
             see = etile[None, :] <= last[s0:s1][:, None]  # [c, mk*E]
             bias = logn.masked_fill(~see, -math.inf)  # [B, 1, 1, c, mk*E]
         sc = torch.matmul(qg[:, :, :, s0:s1], mean_t).add_(bias)  # [B, Hkv, G, c, mk*E]
-        p = torch.softmax(sc, dim=-1).nan_to_num_(0.0)
+        p = torch.softmax(sc, dim=-1)
+        if scrub:
+            p = p.nan_to_num_(0.0)
         out.index_add_(2, qtile[s0:s1].repeat(G), p.reshape(b, hkv, G * (s1 - s0), mk * E))
     nper = torch.bincount(qtile, minlength=mq).clamp_min(1).to(f32) * G
     return out.reshape(b, hkv, mq, mk, E).sum(-1) / nper[None, None, :, None]

@@ -438,7 +438,9 @@ def test_tile_of_equal_keys_pooled_is_exact(pad, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_chunking_does_not_change_the_result(impl):
-    """Processing query tiles in chunks (bounded scratch) gives the same output."""
+    """Processing query tiles in chunks (bounded scratch) gives the same output: bit for
+    bit in the reference; to rounding in the CPU path, whose chunks are trimmed to their
+    own longest entry list (the flash kernel's blocks then fall differently)."""
     q, k, v = qkv(1, 4, 2, 300, 16, 16, seed=9)
     m = -(-300 // 16)
     lv = random_table(1, 2, m, True, [EXACT, 1, 3, STATE, NONE], seed=4)
@@ -446,7 +448,8 @@ def test_chunking_does_not_change_the_result(impl):
     kw = {"scale": 0.25, "causal": True, "tile": 16, "feature_proj": proj}
     whole = run(impl, q, k, v, lv, **kw)
     chunked = run(impl, q, k, v, lv, chunk_bytes=1, **kw)  # one query tile a chunk
-    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    tol = 0 if impl == "reference" else 4 * torch.finfo(q.dtype).eps
+    torch.testing.assert_close(chunked, whole, rtol=tol, atol=tol)
 
 
 def test_prf_state_is_unbiased():
