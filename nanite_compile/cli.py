@@ -37,6 +37,7 @@ _CONFIG_OPTIONS = [
     ("horizon", int, "most tiles seen beyond near field and anchors before the state"),
     ("state_features", int, "width of the recurrent state's feature map (0: no state)"),
     ("sharpness", float, "how sharply tile reads follow the estimated attention mass (0: old rule)"),
+    ("max_level", int, "coarsest pooled level a kept tile is read at (default 1: pairs)"),
     ("max_error", float, "with --calibration: keep a site exact if its error stays above this"),
     ("plan_check", bool, "with --calibration: keep the cost model's plan only if the calibration "
                          "text's loss is no worse than with the uniform budget"),

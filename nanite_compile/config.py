@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .kernels.levels import DEFAULT_SHARPNESS
+from .kernels.levels import DEFAULT_MAX_LEVEL, DEFAULT_SHARPNESS
 
 _INNER = ("inductor", "eager")
 # the operator implementations (`NaniteConfig.impl`; the op and the CLI read this too)
@@ -80,6 +80,12 @@ class NaniteConfig:
         sharpness: how sharply a tile's key reads follow the query-aware
             estimate of the attention mass it receives (reads ~ mass**sharpness
             per query tile; 0 falls back to key dispersion over distance).
+        max_level: the coarsest pooled level a kept tile is read at (summaries
+            of ``2**max_level`` keys); a tile that would be read coarser is
+            dropped and its reads go to others. Default 1 (pairs): coarser mean
+            keys cost reads and buy little (see ``levels.DEFAULT_MAX_LEVEL``).
+            None: every level up to one summary per tile. Values past
+            ``log2(tile)`` mean every level.
         max_error: with calibration, the largest relative error of a site's
             attention output the cost model accepts; a site that cannot get
             under it at its share of the budget stays exact (the report says
@@ -112,6 +118,7 @@ class NaniteConfig:
     horizon: int | None = None
     state_features: int = 64
     sharpness: float = DEFAULT_SHARPNESS
+    max_level: int | None = DEFAULT_MAX_LEVEL
     max_error: float | None = None
     plan_check: bool = True
     feature_map: str = "prf"
@@ -131,6 +138,7 @@ class NaniteConfig:
         _check_int("anchors", self.anchors, 0)
         _check_int("horizon", self.horizon, 0, allow_none=True)
         _check_int("state_features", self.state_features, 0)
+        _check_int("max_level", self.max_level, 0, allow_none=True)
         _check_int("seed", self.seed, 0)
         _check_int("chunk_bytes", self.chunk_bytes, 2**16)
         if isinstance(self.sharpness, bool) or not isinstance(self.sharpness, (int, float)) \

@@ -285,6 +285,8 @@ def test_unknown_config_options_are_type_errors():
         ({"impl": "cuda"}, ValueError, "impl must be one of"),
         ({"inner": "aot"}, ValueError, "inner must be one of"),
         ({"budget_reads": 0}, ValueError, "budget_reads must be >= 1"),
+        ({"max_level": -1}, ValueError, "max_level must be >= 0"),
+        ({"max_level": 1.5}, TypeError, "max_level must be an int"),
     ],
 )
 def test_bad_config_values(options, exc, match):
@@ -530,6 +532,32 @@ def test_import_does_not_import_triton():
     code = "import nanite_compile, sys; assert 'triton' not in sys.modules, 'triton imported'"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_config_max_level_reaches_the_level_table():
+    """NaniteConfig.max_level is carried into every rewritten call and the report's plan:
+    no kept tile of a recorded level table is pooled coarser than it; None lets the rule
+    use every level, and an op call without the argument (a graph made before it
+    existed) keeps every level too."""
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.randn(1, 512, 32)
+    seen = {}
+    for cap in (0, 2, None):
+        cfg = NaniteConfig(budget=0.2, tile=16, window=2, anchors=1, max_level=cap)
+        conv = nanite_compile.convert(model, config=cfg)
+        with recording(levels=True) as rec, torch.no_grad():
+            conv(x)  # captured at the first forward (a plain module has no probe)
+        assert {s.plan["max_level"] for s in nanite_compile.report(conv).sites} == {cap}
+        tables = [r["levels"] for rs in rec.values() for r in rs]
+        assert tables
+        seen[cap] = max(int(t.max()) for t in tables)
+    assert seen[0] == 0 and seen[2] == 2 and seen[None] > 2, seen
+    q, k, v = torch.randn(1, 4, 512, 8), torch.randn(1, 4, 512, 8), torch.randn(1, 4, 512, 8)
+    with recording(levels=True) as rec:
+        torch.ops.nanite.tiled_attention(q, k, v, None, 8**-0.5, True, 16, 2, 1, -1, 0.2, 0, 16,
+                                         0, "old_graph")
+    assert int(rec["old_graph"][0]["levels"].max()) > 2
 
 
 def test_config_impl_reaches_the_op(monkeypatch):

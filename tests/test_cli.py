@@ -156,6 +156,14 @@ def test_bool_config_flags(flags, expected):
     assert cfg.plan_check is expected and cfg.tile == 16
 
 
+def test_max_level_flag():
+    """--max-level sets NaniteConfig.max_level; left out, the default (pairs) holds."""
+    parser = cli.build_parser()
+    cfg = cli._config(parser.parse_args(["convert", "model.gguf", "--max-level", "3"]))
+    assert cfg.max_level == 3
+    assert cli._config(parser.parse_args(["convert", "model.gguf"])).max_level == 1
+
+
 def test_convert_saves_and_reports(converted_dirs):
     rc, out, err, saved, rep = converted_dirs
     assert rc == 0, err

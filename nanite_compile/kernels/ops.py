@@ -109,7 +109,7 @@ def collecting(max_calls: int = 8) -> Iterator[dict]:
 
 
 def _params(tile, window, anchors, horizon, budget, budget_reads, state_features,
-            sharpness: float = DEFAULT_SHARPNESS) -> TileParams:
+            sharpness: float = DEFAULT_SHARPNESS, max_level: int = -1) -> TileParams:
     return TileParams(
         tile=tile,
         window=window,
@@ -119,6 +119,7 @@ def _params(tile, window, anchors, horizon, budget, budget_reads, state_features
         budget_reads=None if budget_reads <= 0 else budget_reads,
         state_features=state_features,
         sharpness=sharpness,
+        max_level=None if max_level < 0 else max_level,
     )
 
 
@@ -185,6 +186,7 @@ def tiled_attention(
     site: str,
     sharpness: float = DEFAULT_SHARPNESS,
     impl: str = "auto",
+    max_level: int = -1,
 ) -> torch.Tensor:
     """Tiled attention, DESIGN.md section 1.
 
@@ -206,6 +208,8 @@ def tiled_attention(
         impl: ``"auto"``, ``"torch"`` or ``"triton"`` (`NaniteConfig.impl`): an
             explicit ``"triton"`` raises where the kernel cannot run the tiled
             path instead of falling back to PyTorch.
+        max_level: the coarsest pooled level a kept tile is read at (``-1``:
+            every level, the op's behaviour before the argument existed).
 
     Returns:
         ``[B, H, Nq, Dv]`` in q's dtype.
@@ -218,7 +222,7 @@ def tiled_attention(
                                for t in (q, k, v, attn_mask, scale, is_causal)))
         return exact_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
     params = _resolve(site, tile, window, anchors, horizon, budget, budget_reads,
-                      state_features, sharpness)
+                      state_features, sharpness, max_level)
     site = site_name(site)
     store = _RECORDER.get()
     stats: dict | None = {} if store is not None else None
@@ -259,7 +263,8 @@ def tiled_attention(
 
 @tiled_attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, tile, window, anchors, horizon, budget,
-      budget_reads, state_features, seed, site, sharpness=DEFAULT_SHARPNESS, impl="auto"):
+      budget_reads, state_features, seed, site, sharpness=DEFAULT_SHARPNESS, impl="auto",
+      max_level=-1):
     torch._check(q.dim() == 4, lambda: "q must be [B, H, N, D]")
     torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be [B, Hkv, N, D]")
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
@@ -283,6 +288,7 @@ def tiled_attention_backward(
     state_features: int,
     seed: int,
     sharpness: float = DEFAULT_SHARPNESS,
+    max_level: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``tiled_attention`` w.r.t. q, k, v (recomputed in PyTorch).
 
@@ -291,7 +297,7 @@ def tiled_attention_backward(
     op, so that tracing (AOT autograd, export) sees one opaque call.
     """
     params = _params(tile, window, anchors, horizon, budget, budget_reads, state_features,
-                     sharpness)
+                     sharpness, max_level)
     # the op body runs below the autograd key; torch.func builds its own graph
     def f(q_, k_, v_):
         return _tiled_reference(q_, k_, v_, attn_mask, scale=scale, is_causal=is_causal,
@@ -315,11 +321,12 @@ def _setup_context(ctx, inputs, output):
     scale, is_causal = inputs[4:6]
     site = inputs[14]
     sharpness = inputs[15] if len(inputs) > 15 else DEFAULT_SHARPNESS
-    p = _resolve(site, *inputs[6:13], sharpness)  # the plan the forward ran
+    max_level = inputs[17] if len(inputs) > 17 else -1
+    p = _resolve(site, *inputs[6:13], sharpness, max_level)  # the plan the forward ran
     ctx.rest = (scale, is_causal, p.tile, p.window, p.anchors,
                 -1 if p.horizon is None else p.horizon, p.budget,
                 0 if p.budget_reads is None else p.budget_reads, p.state_features,
-                inputs[13], p.sharpness)
+                inputs[13], p.sharpness, -1 if p.max_level is None else p.max_level)
 
 
 def _backward(ctx, grad):

@@ -771,6 +771,44 @@ def test_level_solvers_agree(budget, sharpness):
     assert torch.equal(tables[0], tables[1])
 
 
+@pytest.mark.parametrize("max_level", [0, 1, 2, None])
+@pytest.mark.parametrize("budget", [0.1, 0.3])
+def test_max_level_caps_the_pooled_levels(budget, max_level):
+    """No kept tile is read coarser than ``max_level``: the rule drops it instead, and the
+    reads it saves go to the other tiles (the row still spends its allowance, the
+    exact tiles are a superset of those at every level). Past the horizon without a
+    state a tile keeps its one summary whatever the cap."""
+    g = torch.Generator().manual_seed(11)
+    T, n, hkv = 16, 16 * 40, 2
+    q = torch.randn(1, 4, n, 16, generator=g)
+    k = torch.randn(1, hkv, n, 16, generator=g) * torch.rand(1, hkv, n, 1, generator=g) * 3
+    mk = n // T
+    valid = torch.ones(1, n, dtype=torch.bool)
+    imp = tile_importance(q, k, valid, T, 0.25, True, n)
+
+    def table(level_cap, **kw):
+        p = TileParams(tile=T, window=2, anchors=1, horizon=kw.get("horizon"), budget=budget,
+                       budget_reads=None, state_features=kw.get("F", 16), max_level=level_cap)
+        return build_levels(None, torch.arange(mk), p, causal=True, window=None,
+                            tile_valid=valid.reshape(1, mk, T).any(-1), nk=n, importance=imp)
+
+    capped, full = table(max_level), table(None)
+    cap = 4 if max_level is None else max_level
+    kept = capped >= 0
+    assert int(capped[kept].max()) <= cap
+    reads, reads_full = level_reads(capped, T, 16), level_reads(full, T, 16)
+    # both spend each row's one allowance, the capped rule in coarser steps (a dropped
+    # tile read at the cap is T / 2**cap reads; tied estimates move together)
+    assert 0.9 * float(reads_full.sum()) <= float(reads.sum()) <= 1.02 * float(reads_full.sum())
+    assert bool(((full == EXACT) <= (capped == EXACT)).all()), "a capped row lost an exact tile"
+    if max_level is not None and max_level < 4:
+        assert bool(((full > cap) & (capped == NONE)).any()), "nothing was dropped by the cap"
+    # no state, a horizon: the tiles past it are read as one summary each
+    past = table(max_level, horizon=3, F=0)
+    beyond = (past == 4)
+    assert bool(beyond.any()) and int(past[(past >= 0) & ~beyond].max()) <= cap
+
+
 def test_default_solver_bounds_the_sort_scratch():
     """The exact sort solver runs on CUDA only while its [.., mk, R + 1] scratch is small;
     long contexts (tile 32, 64k tokens: 3 x 2048 x 2048 tables) take the bisection."""
