@@ -101,8 +101,8 @@ def _measure(n, args, dev, dtype, fast, rows, series, sdpa_series) -> None:
         sdpa_series[1].append(t_sdpa)
     for b in args.budgets:
         p = TileParams(tile=args.tile, window=args.window, anchors=args.anchors,
-                       horizon=None, budget=b,
-                       budget_reads=None, state_features=args.head_dim)
+                       horizon=None, budget=b, budget_reads=None,
+                       state_features=args.head_dim, max_level=_max_level(args))
         stats: dict = {}
 
         def tiled(p=p, stats=stats):
@@ -132,6 +132,11 @@ def _measure(n, args, dev, dtype, fast, rows, series, sdpa_series) -> None:
         rows.append(row)
 
 
+def _max_level(args) -> int | None:
+    """``--max-level``: -1 (or None) means every level."""
+    return None if args.max_level is None or args.max_level < 0 else args.max_level
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"near field in tiles (default {defaults.window})")
     ap.add_argument("--anchors", type=int, default=defaults.anchors,
                     help=f"anchor tiles (default {defaults.anchors})")
+    ap.add_argument("--max-level", type=int, default=defaults.max_level,
+                    help=f"coarsest pooled level (default {defaults.max_level}; -1: every level)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sdpa-max", type=int, default=32768, help="longest N to run SDPA at")
     ap.add_argument("--profile", action="store_true",
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         _measure(n, args, dev, dtype, fast, rows, series, sdpa_series)
     threads = f"{torch.get_num_threads()} threads" if dev == "cpu" else torch.cuda.get_device_name()
     print(f"causal attention, B=1, H={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, "
-          f"tile={args.tile}, window={args.window}, anchors={args.anchors}, {str(dtype).removeprefix('torch.')}, {threads}, device={dev}")
+          f"tile={args.tile}, window={args.window}, anchors={args.anchors}, max_level={args.max_level}, {str(dtype).removeprefix('torch.')}, {threads}, device={dev}")
     headers = ["N", "budget", "SDPA ms", "tiled ms", "speedup", "reads/orig"]
     if dev == "cuda":
         headers += ["kernel ms", "impl", "SDPA MiB", "tiled MiB"]
@@ -203,8 +210,8 @@ def _profile(n, args, dev, dtype, fast) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     for b in args.budgets:
         p = TileParams(tile=args.tile, window=args.window, anchors=args.anchors,
-                       horizon=None, budget=b,
-                       budget_reads=None, state_features=args.head_dim)
+                       horizon=None, budget=b, budget_reads=None,
+                       state_features=args.head_dim, max_level=_max_level(args))
 
         def call(p=p):
             out = tiled_attention(q, k, v, None, scale=args.head_dim ** -0.5, is_causal=True,
