@@ -6,7 +6,9 @@ almost all the work runs inside PyTorch's fused CPU flash-attention kernel
 log-sum-exp of each row):
 
 * the query's own tile: exact causal attention inside the tile, one batched
-  call over all tiles (``T x T`` per tile);
+  call over all tiles, the ``G`` query heads of a KV head stacked into one
+  block of ``G*T`` queries over the tile's ``T`` keys (the causal pattern a
+  bias, so K/V are not repeated per head);
 * every other entry the level table selects (exact keys of older tiles,
   pooled summaries): gathered per query tile, scored in one fused call with a
   per-entry additive bias ``log n`` (``-inf`` for padding); no per-query mask
@@ -14,7 +16,8 @@ log-sum-exp of each row):
 * the STATE: ``phi(q)^T S_j`` with ``S_j`` a difference of prefix sums over
   tiles when each row's state tiles are contiguous (they are under the
   run-time rule), a masked sum otherwise;
-* one normaliser: the three parts merge with weights ``exp(lse - M)``.
+* one normaliser: the three parts merge with weights ``exp(lse - M)`` (own
+  tile and entries alone: one ``lerp`` by ``sigmoid`` of their lse difference).
 
 Memory is ``O(N * entries per query)``, processed in chunks of query tiles.
 """
@@ -161,9 +164,8 @@ def tiled_attention_cpu(
         bank_k, bank_v, bank_lc, _, offs = _pyramid(kc, vc, valid, T)
         idx, ok = _entry_index(rest, offs, T)  # [B,Hkv,mq,P]
         # a row's valid entries are a prefix of its list, padded to the longest row; rows
-        # are processed in chunks trimmed to their own longest row (under causality a row's
-        # reads grow with its position: padding every chunk to the last row's length was
-        # about half the entry copies and flash work)
+        # are processed in chunks trimmed to their own longest row, so the early rows (which
+        # see few tiles) do not pay for the longest row's padding
         n_ok = ok.sum(-1).amax(dim=(0, 1))  # [mq] longest list per row over batch and heads
         o_r = torch.empty(b, hkv, mq, G * T, dv, dtype=cd, device=q.device)
         l_r = torch.empty(b, hkv, mq, G * T, dtype=cd, device=q.device)
