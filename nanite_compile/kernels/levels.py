@@ -209,17 +209,23 @@ def tile_importance(
     scrub = not bool(key_valid[:, :T].any(-1).all())
     per_q = b * hkv * G * mk * E * 4 * 3
     step = max(T, int(chunk_bytes // max(per_q, 1)) // T * T)
+    # under causality a chunk scores only the mean keys up to its queries' last tile: the
+    # columns past it are all masked (exp(-inf) adds nothing), so they are not computed
+    last_host = last.cpu() if causal else None  # one transfer, not one per chunk
     for s0 in range(0, nq, step):
         s1 = min(nq, s0 + step)
+        cols = mk * E
         bias = logn  # [B, 1, 1, 1, mk*E]; under causality -inf past each query's last tile
         if causal:
-            see = etile[None, :] <= last[s0:s1][:, None]  # [c, mk*E]
-            bias = logn.masked_fill(~see, -math.inf)  # [B, 1, 1, c, mk*E]
-        sc = torch.matmul(qg[:, :, :, s0:s1], mean_t).add_(bias)  # [B, Hkv, G, c, mk*E]
+            cols = (int(last_host[s0:s1].max()) + 1) * E
+            see = etile[None, :cols] <= last[s0:s1][:, None]  # [c, cols]
+            bias = logn[..., :cols].masked_fill(~see, -math.inf)  # [B, 1, 1, c, cols]
+        sc = torch.matmul(qg[:, :, :, s0:s1], mean_t[..., :cols]).add_(bias)  # [B,Hkv,G,c,cols]
         p = torch.softmax(sc, dim=-1)
         if scrub:
             p = p.nan_to_num_(0.0)
-        out.index_add_(2, qtile[s0:s1].repeat(G), p.reshape(b, hkv, G * (s1 - s0), mk * E))
+        out[..., :cols].index_add_(2, qtile[s0:s1].repeat(G),
+                                   p.reshape(b, hkv, G * (s1 - s0), cols))
     nper = torch.bincount(qtile, minlength=mq).clamp_min(1).to(f32) * G
     return out.reshape(b, hkv, mq, mk, E).sum(-1) / nper[None, None, :, None]
 
