@@ -16,8 +16,8 @@ log-sum-exp of each row):
 * the STATE: ``phi(q)^T S_j`` with ``S_j`` a difference of prefix sums over
   tiles when each row's state tiles are contiguous (they are under the
   run-time rule), a masked sum otherwise;
-* one normaliser: the three parts merge with weights ``exp(lse - M)`` (own
-  tile and entries alone: one ``lerp`` by ``sigmoid`` of their lse difference).
+* one normaliser: the three parts merge with weights ``exp(lse - M) / den``
+  formed per query, then one weighted sum over the parts.
 
 Memory is ``O(N * entries per query)``, processed in chunks of query tiles.
 """
@@ -231,29 +231,25 @@ def tiled_attention_cpu(
         num_s = torch.einsum("bhcqf,bhcfd->bhcqd", wq, s_row)
         den_s = torch.einsum("bhcqf,bhcf->bhcq", wq, z_row)
 
-    # one normaliser over all parts
-    if m_s is None and len(parts_o) == 2 and key_valid is None and causal:
-        # the common case, the own tile and the older entries: their softmaxes merge as
-        # o_own + w (o_rest - o_own) with w = sigmoid(lse_rest - lse_own), one fused pass
-        # over the output (lse_own is finite: every query sees itself; empty rests are
-        # -inf with output 0, so w = 0)
-        w = torch.sigmoid(parts_l[1] - parts_l[0])
-        out = torch.lerp(parts_o[0], parts_o[1], w[..., None])
-        return untile(out, b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)
+    # one normaliser over all parts: each part's weight exp(lse - M) / den is formed on the
+    # small [.., G*T] tensors, then the output is one weighted sum of the parts (no
+    # unnormalised accumulator divided over [.., G*T, Dv]); rows that see nothing get 0
     logs = list(parts_l) + ([m_s] if m_s is not None else [])
+    if not logs:
+        return untile(torch.zeros(b, hkv, mq, G * T, dv, dtype=cd, device=q.device),
+                      b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)
     M = torch.stack(logs).amax(0)
-    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-    num = torch.zeros(b, hkv, mq, G * T, dv, dtype=cd, device=q.device)
-    den = torch.zeros(b, hkv, mq, G * T, dtype=cd, device=q.device)
-    for o, lse in zip(parts_o, parts_l, strict=True):
-        a = torch.exp(lse - M)
-        num = num + a[..., None] * o
-        den = den + a
-    if m_s is not None:
-        a = torch.exp(m_s - M)
-        num = num + a[..., None] * num_s
-        den = den + a * den_s
-    out = torch.where(den[..., None] > 0, num / den.clamp_min(torch.finfo(cd).tiny)[..., None], 0.0)
+    M = torch.where(torch.isfinite(M), M, 0.0)
+    terms = [(o, torch.exp(lse - M)) for o, lse in zip(parts_o, parts_l, strict=True)]
+    den = sum(a for _, a in terms)
+    if m_s is not None:  # the state's num_s / den_s are unnormalised sums at scale exp(m_s)
+        a_s = torch.exp(m_s - M)
+        terms.append((num_s, a_s))
+        den = den + a_s * den_s
+    inv = torch.where(den > 0, 1.0 / den.clamp_min(torch.finfo(cd).tiny), 0.0)
+    out = terms[0][0] * (terms[0][1] * inv)[..., None]
+    for o, a in terms[1:]:
+        out.addcmul_(o, (a * inv)[..., None])
     return untile(out, b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)
 
 
