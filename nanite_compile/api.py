@@ -428,8 +428,9 @@ _OVER_BUDGET_SLACK = 0.05
 def _over_budget_note(sites: list) -> str | None:
     """A note when tiled sites read more than their budget on the measured input.
 
-    The near field, the anchor tiles, the query's own tile and one summary per older
-    tile are read at any budget; on a short input they alone can exceed it. The user
+    Every query is allowed at least its own tile, the near field, the anchor tiles and
+    one read per older tile (at most the state's width), whatever the budget
+    (`levels._allowance`); on a short input that floor alone can exceed it. The user
     asked for a fraction and should see that they did not get it, and why.
     """
     over = []
@@ -451,10 +452,10 @@ def _over_budget_note(sites: list) -> str | None:
     return (
         f"{len(over)} tiled site(s) read more than their budget on the measured input "
         f"({n} tokens): {worst.site} reads x{ratio:.3f} of the original at budget {budget:g}. "
-        f"Every query reads its own tile, the near field ({plan.get('window')} tiles of "
-        f"{plan.get('tile')}), {plan.get('anchors')} anchor tile(s) and one summary per older "
-        "tile whatever the budget; longer inputs, or a smaller window, anchors or tile, "
-        "bring the reads down to the budget")
+        f"Every query is allowed at least its own tile, the near field ({plan.get('window')} "
+        f"tiles of {plan.get('tile')}), {plan.get('anchors')} anchor tile(s) and one read per "
+        "older tile, whatever the budget; longer inputs, or a smaller window, anchors or "
+        "tile, bring the reads down to the budget")
 
 
 def _capture_on_first_call(converted: nn.Module, state: _NaniteState,

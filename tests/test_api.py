@@ -362,7 +362,7 @@ def test_report_sites_say_what_was_done(llama_quarter):
 
 
 def test_report_notes_a_budget_the_input_is_too_short_for(llama, llama_quarter):
-    """On the 254-token probe, near field, anchors and one summary per older tile alone
+    """On the 254-token probe, near field, anchors and one read per older tile alone
     are about two thirds of the original reads: the report says the budget was not met,
     by how much, and why; a plan that can meet it gets no such note."""
     rep = nanite_compile.report(llama_quarter)
