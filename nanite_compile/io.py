@@ -382,8 +382,11 @@ def read_saved(directory: str | os.PathLike) -> SavedNanite:
         raise NaniteLoadError(
             f"{tpath} holds tensors {sorted(tensors)}, {jpath} lists {sorted(listed)}; {_RESAVE}"
         )
+    options = dict(header["config"])
+    # a save from before max_level existed ran every pooled level: it keeps doing so
+    options.setdefault("max_level", None)
     try:
-        config = NaniteConfig.from_options(header["config"])
+        config = NaniteConfig.from_options(options)
     except (TypeError, ValueError) as e:
         raise NaniteLoadError(
             f"{jpath}: its configuration is not valid here ({e}); "

@@ -127,6 +127,26 @@ def test_round_trip_onto_a_reloaded_model_with_learned_tensors(saved, tmp_path):
     assert torch.equal(got["model.layers.0.self_attn/feature_proj"], proj)
 
 
+def test_a_save_from_before_max_level_keeps_every_level(tmp_path):
+    """A save whose config has no max_level (written before the option existed, when
+    every pooled level was used) loads with max_level None and the same outputs, not
+    with today's default."""
+    from nanite_compile.io import _plan_hash
+
+    model = tiny_llama()
+    converted = nanite_compile.convert(model, config=NaniteConfig(tile=16, budget=0.3,
+                                                                  max_level=None))
+    nanite_compile.save(converted, tmp_path, source="tiny-llama")
+    header = json.loads((tmp_path / JSON_NAME).read_text())
+    del header["config"]["max_level"]
+    header["sha256"]["plan"] = _plan_hash(header["config"], header["plans"])
+    (tmp_path / JSON_NAME).write_text(json.dumps(header))
+    loaded = nanite_compile.load(tmp_path, model)
+    assert loaded.__dict__["_nanite_state"].config.max_level is None
+    x = ids()
+    assert torch.equal(logits(loaded, x), logits(converted, x))
+
+
 def _edit(d, fn):
     header = json.loads((d / JSON_NAME).read_text())
     fn(header)
