@@ -27,6 +27,7 @@ from nanite_compile import NaniteConfig, RewriteReport, SiteReport
 from nanite_compile.kernels.ops import recording
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_llama as _tiny_llama  # noqa: E402  (after the importorskip)
 
 VOCAB = 128
 TILE = 16
@@ -34,18 +35,7 @@ LAYER_PATHS = {"model.layers.0.self_attn", "model.layers.1.self_attn"}
 
 
 def tiny_llama(dtype=torch.float32, impl="sdpa"):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        attn_implementation=impl,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval().to(dtype)
+    return _tiny_llama(vocab=VOCAB, impl=impl, dtype=dtype)
 
 
 def ids(n, batch=1, seed=1):

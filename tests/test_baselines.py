@@ -195,14 +195,10 @@ def test_budget_outside_range_raises():
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        attn_implementation="sdpa",
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_llama as build
+
+    return build(vocab=97, hidden=64, max_pos=512, impl="sdpa")
 
 
 @pytest.mark.parametrize("method", ALL, ids=lambda m: m.name)

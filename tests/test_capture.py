@@ -11,16 +11,11 @@ import nanite_compile as nc
 from nanite_compile.backend import NaniteBackend
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install -e '.[hf]')")
+from tiny_models import tiny_llama  # noqa: E402  (after the importorskip)
 
 
 def _tiny_llama(layers: int = 2):
-    cfg = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab=97, hidden=64, layers=layers, max_pos=1024, impl="sdpa")
 
 
 class SDPABlock(nn.Module):

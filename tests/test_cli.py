@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanite_compile import cli
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_llama  # noqa: E402  (after the importorskip)
+
 tokenizers = pytest.importorskip("tokenizers")
 
 VOCAB = 128
@@ -31,17 +32,7 @@ COMMANDS = ("convert", "report", "eval", "bench")
 def hf_dir(tmp_path_factory):
     """A tiny Llama and its word-level tokenizer in one save_pretrained directory."""
     d = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(d)
+    tiny_llama(vocab=VOCAB).save_pretrained(d)
     vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()

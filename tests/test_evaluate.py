@@ -17,6 +17,7 @@ from nanite_compile.evaluate import (
 )
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_llama  # noqa: E402  (after the importorskip)
 
 N = 48
 VOCAB = 97
@@ -24,17 +25,7 @@ VOCAB = 97
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab=VOCAB, max_pos=128)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -273,14 +272,11 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def saved_dir(tmp_path_factory):
+    from tiny_models import tiny_llama
+
     import nanite_compile
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(vocab=64, layers=1, max_pos=64)
     conv = nanite_compile.convert(model, config=NaniteConfig(tile=16, budget=0.3))
     d = tmp_path_factory.mktemp("saved")
     nanite_compile.save(conv, d)

@@ -31,6 +31,7 @@ from nanite_compile.kernels.levels import EXACT, NONE, STATE, TileParams
 from nanite_compile.kernels.reference import random_features, tiled_attention_from_levels
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_llama  # noqa: E402  (after the importorskip)
 
 F64_TOL = 1e-10
 
@@ -160,13 +161,7 @@ def test_cache_size_grows_with_horizon_not_context():
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        attn_implementation="sdpa",
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(hidden=64, max_pos=512, impl="sdpa")
 
 
 @pytest.fixture(scope="module")

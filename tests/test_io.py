@@ -22,22 +22,13 @@ from nanite_compile import NaniteConfig, NaniteLoadError
 from nanite_compile.io import JSON_NAME, TENSORS_NAME, read_saved
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_llama as _tiny_llama  # noqa: E402  (after the importorskip)
 
 VOCAB = 128
 
 
 def tiny_llama(hidden=32, dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval().to(dtype)
+    return _tiny_llama(vocab=VOCAB, hidden=hidden, dtype=dtype)
 
 
 def ids(n=200, seed=1):

@@ -31,6 +31,7 @@ from nanite_compile.backend import NaniteBackend
 from nanite_compile.kernels.ops import recording
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_llama as _tiny_llama  # noqa: E402  (after the importorskip)
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/proc/self/statm"), reason="resident memory is read from /proc"
@@ -47,12 +48,7 @@ OPTIONS = {"budget": 0.25, "tile": TILE, "inner": "eager"}
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return _tiny_llama(vocab=VOCAB)
 
 
 def workload():

@@ -45,47 +45,35 @@ F32_EPS = torch.finfo(torch.float32).eps
 # --------------------------------------------------------------------- models
 
 
-def _llama(impl):
-    cfg = transformers.LlamaConfig(
+def _sized(impl, **extra):
+    """The shape every family shares: VOCAB tokens, LAYERS layers of HEADS heads, HIDDEN wide."""
+    return dict(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         intermediate_size=2 * HIDDEN,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
-        num_key_value_heads=2,
         max_position_embeddings=MAX_POS,
         attn_implementation=impl,
+        **extra,
     )
-    return transformers.LlamaForCausalLM(cfg)
+
+
+def _llama(impl):
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**_sized(impl, num_key_value_heads=2))
+    )
 
 
 def _mistral(impl):
-    cfg = transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POS,
-        sliding_window=WINDOW,
-        attn_implementation=impl,
-    )
+    cfg = transformers.MistralConfig(**_sized(impl, num_key_value_heads=2, sliding_window=WINDOW))
     return transformers.MistralForCausalLM(cfg)
 
 
 def _qwen2(impl):
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POS,
-        attn_implementation=impl,
+    return transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(**_sized(impl, num_key_value_heads=2))
     )
-    return transformers.Qwen2ForCausalLM(cfg)
 
 
 def _gpt2(impl):
@@ -103,31 +91,12 @@ def _gpt2(impl):
 
 
 def _neox(impl):
-    cfg = transformers.GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        max_position_embeddings=MAX_POS,
-        bos_token_id=0,
-        eos_token_id=1,
-        attn_implementation=impl,
-    )
+    cfg = transformers.GPTNeoXConfig(**_sized(impl, bos_token_id=0, eos_token_id=1))
     return transformers.GPTNeoXForCausalLM(cfg)
 
 
 def _bert(impl):
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        max_position_embeddings=MAX_POS,
-        attn_implementation=impl,
-    )
-    return transformers.BertModel(cfg)
+    return transformers.BertModel(transformers.BertConfig(**_sized(impl)))
 
 
 def _vit(impl):

@@ -17,6 +17,7 @@ from nanite_compile.kernels.levels import TileParams, tile_importance
 from nanite_compile.kernels.reference import exact_attention, tiled_attention
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_llama as _tiny_llama  # noqa: E402  (after the importorskip)
 
 
 def params(budget=0.25, tile=16, sharpness=3.0, **kw):
@@ -218,11 +219,7 @@ VOCAB = 96
 
 
 def tiny_llama(layers=3):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=layers, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=512)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return _tiny_llama(vocab=VOCAB, layers=layers, max_pos=512)
 
 
 def ids(n, seed):

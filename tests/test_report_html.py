@@ -22,6 +22,8 @@ from nanite_compile.kernels.reference import tiled_attention
 from nanite_compile.report_html import level_colors, plan_levels, save_report
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import tiny_llama  # noqa: E402  (after the importorskip)
+
 pytest.importorskip("matplotlib")
 Image = pytest.importorskip("PIL.Image")
 
@@ -79,18 +81,7 @@ def rgb255(c):
 
 @pytest.fixture(scope="module")
 def converted():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    return nanite_compile.convert(model, config=NaniteConfig(tile=16, budget=0.25))
+    return nanite_compile.convert(tiny_llama(), config=NaniteConfig(tile=16, budget=0.25))
 
 
 def test_op_records_its_level_table():
