@@ -591,3 +591,45 @@ def test_bert_padding(bert):
         assert change <= 1e-5, (
             f"budget {budget}: padded tokens moved real positions by {change:.3e}"
         )
+
+
+# --------------------------------------------------------------------- families left exact
+
+
+def _xglm():
+    cfg = transformers.XGLMConfig(
+        vocab_size=VOCAB, d_model=HIDDEN, ffn_dim=2 * HIDDEN, num_layers=LAYERS,
+        attention_heads=HEADS, max_position_embeddings=MAX_POS,
+    )  # fmt: skip
+    return transformers.XGLMForCausalLM(cfg)
+
+
+def _bloom():
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS)
+    return transformers.BloomForCausalLM(cfg)
+
+
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        (_xglm, "Tensor.view to another shape, torch.max between the scores and the softmax"),
+        (_bloom, "Tensor.view to another shape between the scores and the softmax"),
+    ],
+    ids=["xglm", "bloom"],
+)
+def test_eager_attention_the_finder_cannot_read_is_reported(build, reason):
+    """XGLM clamps its scores with torch.max and both it and Bloom (ALiBi) view the weights
+    as [B, H, N, N] and back around the softmax: every layer's attention is in the report,
+    skipped with the step named, and the converted model computes what the original does."""
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    conv = nanite_compile.convert(model, config=NaniteConfig(tile=TILE, window=2, anchors=1, budget=0.25))
+    with torch.no_grad():
+        out = conv(ids).logits
+    sites = nanite_compile.report(conv).sites
+    assert len(sites) == LAYERS, sites
+    assert all(s.status == "skipped" and reason in s.reason for s in sites), [s.reason for s in sites]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -8,7 +8,11 @@ the scores), the masks (``+ mask``, ``masked_fill(cond, -inf)``,
 ``where(cond, scores, -inf)``) and casts; and *forward* to the product with
 ``v`` (through casts and inactive dropout). A softmax that does not sit
 between two such products (a classifier head, a router) is not attention and
-is left alone.
+is left alone. One that does, but through a step neither walk reads (XGLM's
+``torch.max`` clamp of the scores, Bloom's and XGLM's view of the weights as
+``[B, H, N, N]`` and back, GPT-OSS's sink logits joined by ``torch.cat``), is
+attention the rewrite cannot prove equal to the op's: it is reported as a
+skipped site naming those steps, and runs exact.
 
 Patterns (``AttentionMatch.pattern``):
 
@@ -291,7 +295,7 @@ def _op(node: Any) -> _Op | None:
         bound.update(node.kwargs)
         if kind == "where_method":  # x.where(cond, y) == where(cond, x, y)
             kind = "where"
-        return _Op(kind, bound, rest)
+        return _Op(kind, _baddbmm_names(kind, bound), rest)
     if node.op != "call_function":
         return None
     target = node.target
@@ -321,7 +325,17 @@ def _op(node: Any) -> _Op | None:
         bound["operands"] = ops
     if kind == "div" and bound.get("rounding_mode") is not None:
         return None
-    return _Op(kind, bound, rest)
+    return _Op(kind, _baddbmm_names(kind, bound), rest)
+
+
+def _baddbmm_names(kind: str, bound: dict) -> dict:
+    """``baddbmm``'s keyword spelling (``bias.baddbmm(batch1=q, batch2=kT)``, Bloom) bound
+    to the positional names."""
+    if kind == "baddbmm":
+        for kw, name in (("batch1", "input"), ("batch2", "other")):
+            if kw in bound:
+                bound[name] = bound.pop(kw)
+    return bound
 
 
 def _is_inplace(node: fx.Node) -> bool:
@@ -1075,6 +1089,108 @@ def _walk_scores(x: Any, ch: _Chain, depth: int = 0) -> fx.Node | None:
     return None
 
 
+# the steps `_walk_scores` reads between the score product and the softmax
+_READ_SCORES = {"cast", "identity", "mul", "div", "add", "masked_fill", "where", "tanh"}
+# and between the softmax and the product with v
+_READ_PROBS = {"cast", "identity", "dropout"}
+
+
+def _step_label(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        label = f"Tensor.{t}"
+    else:
+        mod = getattr(t, "__module__", None) or ""
+        name = getattr(t, "__name__", None) or str(t)
+        label = (f"torch.{name}" if mod.startswith("torch") else
+                 f"operator.{name}" if mod == "_operator" else name)
+    o = _op(node)
+    if o is not None and o.kind == "view":
+        label += " to another shape"
+    return label
+
+
+def _is_product(node: fx.Node) -> bool:
+    o = _op(node)
+    return o is not None and (o.kind in ("matmul", "bmm", "baddbmm") or (
+        o.kind == "einsum" and len(o.args.get("operands", ())) == 2))
+
+
+def _unread(path: list, read: set) -> list[str]:
+    """Labels of the steps of ``path`` the walks do not read (a view that keeps the
+    shape is read), in order, without repeats."""
+    out: list[str] = []
+    for step in path:
+        o = _op(step)
+        if o is not None and (o.kind in read or (o.kind == "view" and _same_shape(
+                step, o.args.get("input")))):
+            continue
+        label = _step_label(step)
+        if label not in out:
+            out.append(label)
+    return out
+
+
+def _unread_scores(x: Any, limit: int = 12) -> tuple[fx.Node, list[str]] | None:
+    """When the softmax input comes from a product of two activations through steps the
+    walk does not read: that product and the unread steps (from the softmax side).
+
+    Breadth-first from the softmax input through tensor arguments, at most ``limit``
+    nodes deep; None when no score product is that close (then the softmax is not
+    taken for attention).
+    """
+    if not isinstance(x, fx.Node) or _is_product(x):
+        return None
+    parent: dict[fx.Node, fx.Node | None] = {x: None}
+    frontier = [x]
+    for _ in range(limit):
+        nxt = []
+        for n in frontier:
+            if _is_product(n):
+                path, cur = [], parent[n]
+                while cur is not None:
+                    path.append(cur)
+                    cur = parent[cur]
+                steps = _unread(list(reversed(path)), _READ_SCORES)
+                return (n, steps) if steps else None
+            for a in (*n.args, *n.kwargs.values()):
+                for b in (a if isinstance(a, (list, tuple)) else (a,)):
+                    if isinstance(b, fx.Node) and b.op != "get_attr" and b not in parent:
+                        parent[b] = n
+                        nxt.append(b)
+        frontier = nxt
+    return None
+
+
+def _unread_probs(softmax: fx.Node, limit: int = 8) -> tuple[fx.Node, list[str]] | None:
+    """The product with v the attention weights reach through steps `_walk_probs` does
+    not read, and those steps; None when no product takes them as its first operand."""
+    parent: dict[fx.Node, fx.Node | None] = {softmax: None}
+    frontier = [softmax]
+    for _ in range(limit):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in parent:
+                    continue
+                parent[u] = n
+                o = _op(u)
+                first = None
+                if o is not None and o.kind in ("matmul", "bmm"):
+                    first = o.args.get("input")
+                elif o is not None and o.kind == "einsum" and len(o.args.get("operands", ())) == 2:
+                    first = o.args["operands"][0]
+                if first is n:
+                    path, cur = [], n
+                    while cur is not softmax:
+                        path.append(cur)
+                        cur = parent[cur]
+                    return u, _unread(list(reversed(path)), _READ_PROBS)
+                nxt.append(u)
+        frontier = nxt
+    return None
+
+
 def _finite_fill_reason(val: Any) -> str:
     return (f"scores overwritten with the finite value {_const(val)!r}: keys it blocks take "
             f"weight once logits reach its size, which the rewrite cannot check (use -inf "
@@ -1093,13 +1209,35 @@ def _scores_chain(softmax: fx.Node) -> _Chain | None:
         return None
     probs_nodes: list = []
     walked = _walk_probs(softmax, probs_nodes)
+    probs_unread = walked is None
     if walked is None:
-        return None
+        found = _unread_probs(softmax)
+        if found is None:
+            return None
+        pv, steps = found
+        walked = pv, [f"{', '.join(steps[:3])} between the softmax and the product with v "
+                      "(the rewrite reads casts, dropout and views that keep the shape there)"]
     pv, probs_skip = walked
     ch = _Chain(pattern="eager", softmax=softmax, pv=pv, qk=softmax, ndim=len(xs), q=softmax)
     qk = _walk_scores(x, ch)
     if qk is None:
-        return None
+        # softmax(product of two activations ... ) . v with a step in between the rewrite
+        # does not read: attention it cannot prove equal to the op's; reported, left exact
+        unread = _unread_scores(x)
+        if unread is None:
+            return None
+        qk, steps = unread
+        qo = _op(qk)
+        ops = qo.args["operands"] if qo.kind == "einsum" else (qo.args.get("input"), qo.args.get("other"))
+        if not all(isinstance(t, fx.Node) for t in ops):
+            return None
+        ch.qk, ch.q, ch.k, ch.v = qk, ops[0], ops[1], _op(pv).args.get("other", ops[1])
+        ch.ndim = len(node_shape(ch.q) or xs)
+        ch.pattern = {"bmm": "bmm", "baddbmm": "bmm", "einsum": "einsum"}.get(qo.kind, "eager")
+        ch.skip = [f"{', '.join(steps[:3])} between the scores and the softmax (the rewrite "
+                   "reads scales, masks, casts and views that keep the shape there)", *probs_skip]
+        ch.interior = []
+        return ch
     ch.qk = qk
     ch.skip.extend(probs_skip)
     ch.interior = [qk, *reversed(ch.interior), softmax, *probs_nodes]
@@ -1158,7 +1296,9 @@ def _scores_chain(softmax: fx.Node) -> _Chain | None:
         ch.v = po.args.get("other")
         vs = node_shape(ch.v)
         if vs is None or len(vs) != ch.ndim:
-            return None
+            # a product whose v is shaped otherwise: attention only when the weights were
+            # reshaped on the way to it, and then reported as such (skipped)
+            return ch if probs_unread else None
     return ch
 
 

@@ -237,6 +237,48 @@ class BmmSlowPath(nn.Module):
         return torch.bmm(torch.softmax(w, dim=-1), v)
 
 
+class ClampedScores(nn.Module):
+    """XGLM: the scores clamped from below by ``torch.max(w, finfo.min)`` before the softmax."""
+
+    def forward(self, q, k, v):
+        w = q @ k.transpose(-2, -1) * 0.25
+        w = torch.max(w, torch.full((), torch.finfo(w.dtype).min, dtype=w.dtype))
+        return w.softmax(-1) @ v
+
+
+class ReshapedWeights(nn.Module):
+    """Bloom / XGLM: ``[B*H, N, N]`` weights viewed as ``[B, H, N, N]`` and back around the
+    mask and the softmax."""
+
+    def forward(self, q, k, v):
+        b, h, n, d = q.shape
+        w = torch.bmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2))
+        p = torch.softmax(w.view(b, h, n, n) * 0.25, dim=-1)
+        return torch.bmm(p.view(b * h, n, n), v.reshape(b * h, n, d)).view(b, h, n, d)
+
+
+class SinkLogits(nn.Module):
+    """GPT-OSS: a learned sink logit per head joins the scores, its column dropped after."""
+
+    def __init__(self, h=H):
+        super().__init__()
+        self.sinks = nn.Parameter(torch.randn(h))
+
+    def forward(self, q, k, v):
+        w = q @ k.transpose(-2, -1) * 0.25
+        s = self.sinks.reshape(1, -1, 1, 1).expand(w.shape[0], -1, w.shape[2], 1)
+        p = torch.cat([w, s], dim=-1).softmax(-1)[..., :-1]
+        return p @ v
+
+
+class BaddbmmKeywords(nn.Module):
+    """Bloom's spelling: ``bias.baddbmm(batch1=q, batch2=kT, beta=1.0, alpha=scale)``."""
+
+    def forward(self, q, k, v, mask):
+        w = mask.baddbmm(batch1=q, batch2=k.transpose(-2, -1), beta=1.0, alpha=0.25)
+        return torch.bmm(torch.softmax(w, dim=-1), v)
+
+
 class InplaceScale(nn.Module):
     """The scale applied in place on a copy of q: a zero-user node the rewrite must keep."""
 
@@ -564,6 +606,54 @@ def test_unprovable_sites_stay_exact(mod, reason, compile_nanite, assert_close_t
     assert backend.counters.get("rewritten", 0) == 0
     if not mod.training:  # (training-mode dropout is random)
         assert_close_to_fp64(mod, (q, k, v), None, out, factor=1.0)
+
+
+@pytest.mark.parametrize(
+    "mod, reason",
+    [
+        (ClampedScores(), "torch.max between the scores and the softmax"),
+        (ReshapedWeights(), "Tensor.view to another shape between the scores and the softmax"),
+        (SinkLogits(), "torch.cat between the scores and the softmax"),
+    ],
+    ids=["clamped_scores", "reshaped_weights", "sink_logits"],
+)
+def test_attention_with_unread_steps_is_reported(mod, reason, compile_nanite, assert_close_to_fp64):
+    """softmax(q.kT ...) . v with a step the finder does not read between the parts is still
+    attention: the report lists it as skipped, naming the step, and it runs exact (before,
+    such a site was not reported at all)."""
+    q, k, v = qkv()
+    backend, out = compile_nanite(mod, q, k, v)
+    site = only_site(backend)
+    assert site.status == "skipped"
+    assert reason in site.reason, site.reason
+    assert backend.counters.get("rewritten", 0) == 0
+    assert_close_to_fp64(mod, (q, k, v), None, out, factor=1.0)
+
+
+def test_probs_reshaped_before_the_value_product_is_reported(compile_nanite, assert_close_to_fp64):
+    class ProbsReshaped(nn.Module):
+        def forward(self, q, k, v):
+            b, h, n, d = q.shape
+            p = (q @ k.transpose(-2, -1) * 0.25).softmax(-1)
+            return torch.bmm(p.reshape(b * h, n, n), v.reshape(b * h, n, d)).view(b, h, n, d)
+
+    q, k, v = qkv()
+    backend, out = compile_nanite(ProbsReshaped(), q, k, v)
+    site = only_site(backend)
+    assert site.status == "skipped"
+    assert "between the softmax and the product with v" in site.reason, site.reason
+    assert_close_to_fp64(ProbsReshaped(), (q, k, v), None, out, factor=1.0)
+
+
+def test_baddbmm_keyword_spelling_rewritten(compile_nanite, assert_close_to_fp64):
+    mod = BaddbmmKeywords()
+    q, k, v = (t.reshape(B * H, N, D) for t in qkv())
+    mask = torch.zeros(B * H, 1, N)
+    mask[H:, :, N - 4 :] = float("-inf")
+    backend, out = compile_nanite(mod, q, k, v, mask)
+    site = only_site(backend)
+    assert (site.status, site.pattern, site.mask_kind) == ("rewritten", "bmm", "dense-additive")
+    assert_close_to_fp64(mod, (q, k, v, mask), None, out)
 
 
 def test_multihead_attention_weights_used_is_skipped(compile_nanite, assert_close_to_fp64):
