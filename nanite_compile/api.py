@@ -145,12 +145,23 @@ def _calibration_batches(calibration: Any) -> list[torch.Tensor] | None:
     return out
 
 
+def _token_inputs(model: nn.Module, name: str, ids: torch.Tensor) -> dict:
+    """Keyword inputs of a forward on token ids: ``{name: ids}``, and for an
+    encoder-decoder (T5) the same tokens as ``decoder_input_ids``, without which its
+    forward refuses to run."""
+    kwargs = {name: ids}
+    cfg = getattr(model, "config", None)
+    if name == "input_ids" and getattr(cfg, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = ids
+    return kwargs
+
+
 def _probe_inputs(model: nn.Module, calibration: list[torch.Tensor] | None) -> tuple[tuple, dict] | None:
     """Arguments for a probe forward, or None when none can be made up."""
     if calibration is not None:
         first = calibration[0]
         name = getattr(model, "main_input_name", None)
-        return ((), {name: first[:1]}) if name else ((first[:1],), {})
+        return ((), _token_inputs(model, name, first[:1])) if name else ((first[:1],), {})
     cfg = getattr(model, "config", None)
     name = getattr(model, "main_input_name", None)
     if cfg is None or name is None:
@@ -167,7 +178,7 @@ def _probe_inputs(model: nn.Module, calibration: list[torch.Tensor] | None) -> t
         n = min(_PROBE_TOKENS, int(limit) - 2) if limit else _PROBE_TOKENS
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, int(vocab or 100), (1, n), generator=g).to(dev)
-        return (), {"input_ids": ids}
+        return (), _token_inputs(model, name, ids)
     if name == "pixel_values":
         size = getattr(cfg, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
@@ -184,9 +195,10 @@ def _shortened(probe: tuple[tuple, dict]) -> tuple[tuple, dict]:
     the long one at a fraction of the forward cost; the long probe then measures.
     """
     args, kwargs = probe
-    ids = kwargs.get("input_ids")
-    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > _CAPTURE_TOKENS:
-        kwargs = dict(kwargs, input_ids=ids[:, :_CAPTURE_TOKENS])
+    for key in ("input_ids", "decoder_input_ids"):
+        ids = kwargs.get(key)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > _CAPTURE_TOKENS:
+            kwargs = dict(kwargs, **{key: ids[:, :_CAPTURE_TOKENS]})
     return args, kwargs
 
 
@@ -511,7 +523,7 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     with torch.no_grad(), _ops.collecting(max_calls=_CALIBRATION_SAMPLES) as got:
         for ids in _progress(batches, "nanite: calibration forwards"):
             if name:
-                converted(**{name: ids})
+                converted(**_token_inputs(converted, name, ids))
             else:
                 converted(ids)
     index = _site_index(state)
@@ -660,7 +672,18 @@ def _convert(model: nn.Module, *, budget: Any = _UNSET, calibration: Any = None,
         _capture_on_first_call(converted, state, plans)
         return converted
     was_training = converted.training
-    _capture(converted, state, *_shortened(probe))
+    try:
+        _capture(converted, state, *_shortened(probe))
+    except Exception as e:
+        if state.installed:  # failed after attention was captured: not the probe's doing
+            raise
+        # the model refused the made-up probe (an input it needs that the probe lacks):
+        # find the attention at the first real forward instead, as without a probe
+        state.pending = True
+        state.notes.append(f"the probe forward failed ({type(e).__name__}: {str(e)[:120]}); "
+                           "attention sites are found at the first forward")
+        _capture_on_first_call(converted, state, plans)
+        return converted
     if plans:
         _apply_plans(state, plans)
     elif batches is not None and cfg.budget_reads is not None:

@@ -16,6 +16,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -451,6 +452,68 @@ def test_plain_module_is_captured_on_first_forward():
     assert all(s.status == "rewritten" for s in after.sites)
     assert not after.notes
     assert_rounding_close(out, want, want64, torch.finfo(torch.float32).eps)
+
+
+class NeedsExtraInput(TwoBlocks):
+    """Looks like a Hugging Face model (a config and ``main_input_name``) but its forward
+    needs an input the made-up probe does not have."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(vocab_size=50, max_position_embeddings=256)
+        self.embed = nn.Embedding(50, 32)
+
+    def forward(self, input_ids, extra):
+        return super().forward(self.embed(input_ids) + extra)
+
+
+def test_a_probe_the_model_refuses_defers_capture_to_the_first_forward():
+    """convert() must not fail where the model runs: when the probe forward raises (T5
+    without decoder ids did), the sites are found at the first real forward, and the
+    notes say why."""
+    torch.manual_seed(0)
+    model = NeedsExtraInput().eval()
+    ids = torch.randint(0, 50, (1, 100), generator=torch.Generator().manual_seed(1))
+    extra = torch.randn(1, 100, 32)
+    with torch.no_grad():
+        want = model(ids, extra)
+    conv = nanite_compile.convert(model, budget=1.0, config=tile_cfg())
+    before = nanite_compile.report(conv)
+    assert before.sites == []
+    assert any("probe forward failed (TypeError" in n for n in before.notes), before.notes
+    with torch.no_grad():
+        out = conv(ids, extra)
+    after = nanite_compile.report(conv)
+    assert {s.module_path for s in after.sites} == {"blocks.0", "blocks.1"}, after
+    assert all(s.status == "rewritten" for s in after.sites)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_decoder_converts_without_calibration():
+    """T5 needs decoder ids: the probe gives it the same tokens, so its attention is found at
+    convert time (relative-bias self-attention left exact with the reason, cross-attention
+    rewritten) and the converted model computes the original's outputs."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=2,
+                                num_decoder_layers=2, num_heads=4, d_kv=8)
+    model = transformers.T5Model(cfg).eval()
+    ids = torch.randint(2, VOCAB, (2, 120), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "decoder_input_ids": ids[:, :40]}
+    with torch.no_grad():
+        want = model(**kw).last_hidden_state
+    conv = nanite_compile.convert(model, budget=0.25, config=tile_cfg())
+    rep = nanite_compile.report(conv)
+    assert not rep.notes, rep.notes
+    kinds = {s.module_path.rsplit(".", 1)[-1]: s for s in rep.sites}
+    assert kinds["SelfAttention"].status == "skipped"
+    assert "additive score bias" in kinds["SelfAttention"].reason
+    assert kinds["EncDecAttention"].status == "rewritten"
+    assert len(rep.sites) == 6
+    with torch.no_grad():
+        out = conv(**kw).last_hidden_state
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_root_attention_module_is_captured_on_first_forward():

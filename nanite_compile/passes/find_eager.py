@@ -1054,6 +1054,10 @@ def _walk_scores(x: Any, ch: _Chain, depth: int = 0) -> fx.Node | None:
             return None
         if a.get("alpha", 1) != 1:
             return None
+        if isinstance(rhs, (int, float)) and math.isfinite(rhs):
+            # the same number added to every score (DeBERTa's ``scores + 0`` when it has no
+            # relative attention): the softmax does not see it
+            return through(lhs)
         for chain_side, term in ((lhs, rhs), (rhs, lhs)):
             if not _is_tensor(chain_side):
                 continue
@@ -1432,7 +1436,8 @@ def _combine_masks(graph: fx.Graph, like: fx.Node, masks: list) -> fx.Node | Non
     additive: list = []
     for kind, node in masks:
         if kind == "additive":
-            additive.append(node)
+            if isinstance(node, fx.Node):  # a number added to every score changes nothing
+                additive.append(node)
             continue
         if kind == "blocked":
             o = _op(node)

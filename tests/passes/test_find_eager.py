@@ -279,6 +279,18 @@ class BaddbmmKeywords(nn.Module):
         return torch.bmm(torch.softmax(w, dim=-1), v)
 
 
+class ScoresPlusZero(nn.Module):
+    """DeBERTa without relative attention: ``scores + rel_att`` with ``rel_att = 0`` (a
+    Python int), then a padding mask by ``masked_fill(~mask, finfo.min)``."""
+
+    def forward(self, q, k, v, mask):
+        w = q @ k.transpose(-1, -2) * 0.25
+        rel_att: int = 0
+        w = w + rel_att
+        w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
+        return torch.softmax(w, dim=-1) @ v
+
+
 class InplaceScale(nn.Module):
     """The scale applied in place on a copy of q: a zero-user node the rewrite must keep."""
 
@@ -643,6 +655,19 @@ def test_probs_reshaped_before_the_value_product_is_reported(compile_nanite, ass
     assert site.status == "skipped"
     assert "between the softmax and the product with v" in site.reason, site.reason
     assert_close_to_fp64(ProbsReshaped(), (q, k, v), None, out, factor=1.0)
+
+
+def test_a_number_added_to_the_scores_is_no_mask(compile_nanite, assert_close_to_fp64):
+    """The softmax does not see a constant added to every score: the site is rewritten with
+    the padding mask alone (it crashed at run time when the 0 was taken for a mask)."""
+    mod = ScoresPlusZero()
+    q, k, v = qkv()
+    mask = torch.ones(B, 1, 1, N, dtype=torch.bool)
+    mask[1, ..., N - 5 :] = False
+    backend, out = compile_nanite(mod, q, k, v, mask)
+    site = only_site(backend)
+    assert site.status == "rewritten", site.reason
+    assert_close_to_fp64(mod, (q, k, v, mask), None, out)
 
 
 def test_baddbmm_keyword_spelling_rewritten(compile_nanite, assert_close_to_fp64):
