@@ -1,8 +1,9 @@
-"""Which model families convert: every Hugging Face transformers family in the list is
+"""Which model families convert: every Hugging Face transformers family in the lists is
 built small with random weights (no download), converted, and run on random tokens.
 
-    .venv/bin/python benchmarks/families.py                       # the default list
+    .venv/bin/python benchmarks/families.py                       # the default lists
     .venv/bin/python benchmarks/families.py --families Llama Bloom --json families.json
+    .venv/bin/python benchmarks/families.py --encoders Bert --seq2seq T5
 
 Per family: the attention sites in the report, how many were rewritten, the reasons of
 the skipped ones, the largest |logit| difference from the original at budget 1.0 (the
@@ -36,6 +37,12 @@ DEFAULT_FAMILIES = (
     "Jamba", "Llama4", "ModernBertDecoder", "VaultGemma", "Doge", "Mpt", "Bloom", "XGLM",
     "GptOss",
 )  # fmt: skip
+# encoders (``<Family>Model``) and encoder-decoders, run on a padded batch of two
+ENCODER_FAMILIES = (
+    "Bert", "Roberta", "DistilBert", "Electra", "Albert", "XLMRoberta", "ModernBert", "Ernie",
+    "RoFormer", "MegatronBert", "BigBird", "Splinter", "Canine", "Deberta", "DebertaV2", "MPNet",
+)  # fmt: skip
+SEQ2SEQ_FAMILIES = ("T5", "UMT5", "LongT5", "Bart", "MBart", "LED", "BigBirdPegasus")
 
 VOCAB, TOKENS, TILE = 128, 200, 16
 
@@ -46,7 +53,10 @@ _SMALL = dict(
     n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=512, n_ctx=512, d_model=64,
     ffn_dim=128, num_layers=2, max_seq_len=512, rotary_dim=8, moe_intermediate_size=32,
     num_experts=4, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1,
-    eos_token_id=2,
+    eos_token_id=2, dim=64, hidden_dim=128, n_layers=2, n_heads=4, d_ff=128, num_heads=4,
+    d_kv=16, embedding_size=64, local_attention=64, global_attn_every_n_layers=2,
+    encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, decoder_layers=2,
+    decoder_attention_heads=4, decoder_ffn_dim=128, num_decoder_layers=2,
 )  # fmt: skip
 # the causal LM class where it is not ``<Family>ForCausalLM``
 _MODEL_CLASS = {"GPT2": "GPT2LMHeadModel"}
@@ -85,19 +95,42 @@ def small_config(family: str):
     return cfg
 
 
-def check(family: str) -> dict:
-    """Convert one family at budgets 1.0 and 0.25; the row of the table."""
+def _inputs(kind: str) -> tuple[dict, torch.Tensor]:
+    """The forward's inputs and which output positions are real (not padding)."""
+    g = torch.Generator().manual_seed(1)
+    if kind == "decoder":
+        ids = torch.randint(3, VOCAB, (1, TOKENS), generator=g)
+        return {"input_ids": ids}, torch.ones(1, TOKENS, dtype=torch.bool)
+    ids = torch.randint(3, VOCAB, (2, TOKENS), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, TOKENS * 3 // 4 :] = 0  # the second row ends in padding
+    if kind == "encoder":
+        return {"input_ids": ids, "attention_mask": mask}, mask.bool()
+    dec = ids[:, : TOKENS // 4]
+    return ({"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec},
+            torch.ones_like(dec, dtype=torch.bool))  # fmt: skip
+
+
+def _first_output(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def check(family: str, kind: str = "decoder") -> dict:
+    """Convert one family at budgets 1.0 and 0.25; the row of the table. ``kind``:
+    ``decoder`` (``<Family>ForCausalLM`` on one row of tokens), ``encoder`` or ``seq2seq``
+    (``<Family>Model`` on a padded batch; differences are taken on the real positions)."""
     import transformers
 
-    row: dict = {"family": family}
+    row: dict = {"family": family, "kind": kind}
     t0 = time.perf_counter()
     try:
-        model_cls = getattr(transformers, _MODEL_CLASS.get(family, f"{family}ForCausalLM"))
+        default = f"{family}ForCausalLM" if kind == "decoder" else f"{family}Model"
+        model_cls = getattr(transformers, _MODEL_CLASS.get(family, default))
         torch.manual_seed(0)
         model = model_cls(small_config(family)).eval()
-        ids = torch.randint(3, VOCAB, (1, TOKENS), generator=torch.Generator().manual_seed(1))
+        inputs, real = _inputs(kind)
         with torch.no_grad():
-            ref = model(ids).logits
+            ref = _first_output(model(**inputs))
     except Exception as e:  # the small config, not the compiler
         row.update(status="not built", error=f"{type(e).__name__}: {str(e)[:160]}")
         return row
@@ -106,13 +139,13 @@ def check(family: str) -> dict:
             cfg = NaniteConfig(tile=TILE, window=2, anchors=1, budget=budget)
             conv = nanite_compile.convert(model, config=cfg)
             with torch.no_grad():
-                out = conv(ids).logits
+                out = _first_output(conv(**inputs))[real]
             if budget == 1.0:
                 sites = nanite_compile.report(conv).sites
                 row["sites"] = len(sites)
                 row["rewritten"] = sum(s.status == "rewritten" for s in sites)
                 row["skipped"] = sorted({s.reason for s in sites if s.status != "rewritten"})
-                row["max_diff_budget_1"] = float((out - ref).abs().max())
+                row["max_diff_budget_1"] = float((out - ref[real]).abs().max())
             else:
                 row["finite_budget_0.25"] = bool(torch.isfinite(out).all())
         row["status"] = "ok" if row["finite_budget_0.25"] else "FAIL"
@@ -130,20 +163,23 @@ def table(rows: list[dict]) -> str:
         return text if len(text) <= 90 else text[:87] + "..."
 
     body = [
-        [r["family"], r["status"], r.get("sites", ""),
+        [r["family"], r["kind"], r["status"], r.get("sites", ""),
          r.get("rewritten", ""), reasons(r) or r.get("error", "")[:90],
          "" if "max_diff_budget_1" not in r else f"{r['max_diff_budget_1']:.1e}",
          r.get("finite_budget_0.25", "")]
         for r in rows
     ]  # fmt: skip
-    head = ["family", "status", "sites", "rewritten", "skipped: reason", "max |d| @1.0",
+    head = ["family", "kind", "status", "sites", "rewritten", "skipped: reason", "max |d| @1.0",
             "finite @0.25"]  # fmt: skip
     return tabulate(body, headers=head, tablefmt="github")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES))
+    ap.add_argument("--families", nargs="+", default=None,
+                    help="decoder families (default: the built-in lists of all three kinds)")
+    ap.add_argument("--encoders", nargs="*", default=None, help="encoder families")
+    ap.add_argument("--seq2seq", nargs="*", default=None, help="encoder-decoder families")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -152,10 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    chosen = (args.families, args.encoders, args.seq2seq)
+    if all(c is None for c in chosen):
+        chosen = (DEFAULT_FAMILIES, ENCODER_FAMILIES, SEQ2SEQ_FAMILIES)
     rows = []
-    for fam in args.families:
-        rows.append(check(fam))
-        print(f"{fam}: {rows[-1]['status']}", file=sys.stderr, flush=True)
+    for kind, fams in zip(("decoder", "encoder", "seq2seq"), chosen, strict=True):
+        for fam in fams or ():
+            rows.append(check(fam, kind))
+            print(f"{fam} ({kind}): {rows[-1]['status']}", file=sys.stderr, flush=True)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -34,3 +34,15 @@ def test_rows_say_what_was_rewritten_and_why_not(tmp_path, capsys):
     assert rows["NoSuchFamily"]["status"] == "not built"
     text = capsys.readouterr().out
     assert "| Llama" in text and "2 of 2 families converted and ran; 1 not built" in text
+
+
+def test_encoders_are_compared_on_their_real_positions(tmp_path):
+    """An encoder runs on a padded batch; the budget-1.0 difference is taken where tokens are
+    real (padding rows are free to differ) and the row says so by its kind."""
+    fam = _load()
+    out = tmp_path / "rows.json"
+    assert fam.main(["--encoders", "Bert", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert (row["family"], row["kind"], row["status"]) == ("Bert", "encoder", "ok")
+    assert row["rewritten"] == row["sites"] == 2
+    assert row["max_diff_budget_1"] < 1e-5 and row["finite_budget_0.25"]
