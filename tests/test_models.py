@@ -30,6 +30,7 @@ import nanite_compile
 from nanite_compile import NaniteConfig
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import shape_kwargs  # noqa: E402  (after the importorskip)
 
 VOCAB = 128
 HIDDEN = 32
@@ -47,16 +48,8 @@ F32_EPS = torch.finfo(torch.float32).eps
 
 def _sized(impl, **extra):
     """The shape every family shares: VOCAB tokens, LAYERS layers of HEADS heads, HIDDEN wide."""
-    return dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        max_position_embeddings=MAX_POS,
-        attn_implementation=impl,
-        **extra,
-    )
+    return shape_kwargs(vocab=VOCAB, hidden=HIDDEN, layers=LAYERS, heads=HEADS,
+                        max_pos=MAX_POS, attn_implementation=impl, **extra)  # fmt: skip
 
 
 def _llama(impl):

@@ -7,6 +7,21 @@ import torch
 import transformers
 
 
+def shape_kwargs(*, vocab: int, hidden: int, layers: int, heads: int, max_pos: int,
+                 **extra) -> dict:
+    """Config keywords of a small transformer in Llama's names (MLP ``2 * hidden`` wide),
+    plus ``extra``; most Hugging Face text configs take them."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_pos,
+        **extra,
+    )
+
+
 def tiny_llama(
     *,
     vocab: int = 128,
@@ -24,14 +39,8 @@ def tiny_llama(
     ``impl`` sets ``attn_implementation`` (None: transformers' default)."""
     torch.manual_seed(seed)
     extra = {} if impl is None else {"attn_implementation": impl}
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_pos,
-        **extra,
-    )
+    cfg = transformers.LlamaConfig(**shape_kwargs(
+        vocab=vocab, hidden=hidden, layers=layers, heads=heads, max_pos=max_pos,
+        num_key_value_heads=kv_heads, **extra,
+    ))  # fmt: skip
     return transformers.LlamaForCausalLM(cfg).eval().to(dtype)
