@@ -1235,7 +1235,9 @@ def _scores_chain(softmax: fx.Node) -> _Chain | None:
         ops = qo.args["operands"] if qo.kind == "einsum" else (qo.args.get("input"), qo.args.get("other"))
         if not all(isinstance(t, fx.Node) for t in ops):
             return None
-        ch.qk, ch.q, ch.k, ch.v = qk, ops[0], ops[1], _op(pv).args.get("other", ops[1])
+        po = _op(pv)
+        v = po.args["operands"][1] if po.kind == "einsum" else po.args.get("other")
+        ch.qk, ch.q, ch.k, ch.v = qk, ops[0], ops[1], v if isinstance(v, fx.Node) else ops[1]
         ch.ndim = len(node_shape(ch.q) or xs)
         ch.pattern = {"bmm": "bmm", "baddbmm": "bmm", "einsum": "einsum"}.get(qo.kind, "eager")
         ch.skip = [f"{', '.join(steps[:3])} between the scores and the softmax (the rewrite "

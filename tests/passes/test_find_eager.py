@@ -246,6 +246,15 @@ class ClampedScores(nn.Module):
         return w.softmax(-1) @ v
 
 
+class EinsumClamped(nn.Module):
+    """The same clamp with both products written as einsum."""
+
+    def forward(self, q, k, v):
+        w = torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.25
+        w = torch.clamp_min(w, -1e4)
+        return torch.einsum("bhqk,bhkd->bhqd", w.softmax(-1), v)
+
+
 class ReshapedWeights(nn.Module):
     """Bloom / XGLM: ``[B*H, N, N]`` weights viewed as ``[B, H, N, N]`` and back around the
     mask and the softmax."""
@@ -624,10 +633,11 @@ def test_unprovable_sites_stay_exact(mod, reason, compile_nanite, assert_close_t
     "mod, reason",
     [
         (ClampedScores(), "torch.max between the scores and the softmax"),
+        (EinsumClamped(), "torch.clamp_min between the scores and the softmax"),
         (ReshapedWeights(), "Tensor.view to another shape between the scores and the softmax"),
         (SinkLogits(), "torch.cat between the scores and the softmax"),
     ],
-    ids=["clamped_scores", "reshaped_weights", "sink_logits"],
+    ids=["clamped_scores", "einsum_clamped", "reshaped_weights", "sink_logits"],
 )
 def test_attention_with_unread_steps_is_reported(mod, reason, compile_nanite, assert_close_to_fp64):
     """softmax(q.kT ...) . v with a step the finder does not read between the parts is still
