@@ -382,9 +382,12 @@ def read_saved(directory: str | os.PathLike) -> SavedNanite:
         raise NaniteLoadError(
             f"{tpath} holds tensors {sorted(tensors)}, {jpath} lists {sorted(listed)}; {_RESAVE}"
         )
-    options = dict(header["config"])
-    # a save from before max_level existed ran every pooled level: it keeps doing so
-    options.setdefault("max_level", None)
+    # a save from before max_level existed ran every pooled level: its config and its
+    # plans say so explicitly from here on (the same outputs, and the plans the sites get
+    # compare equal to the saved ones)
+    options = {"max_level": None, **header["config"]}
+    plans = {site: {"max_level": None, **plan} if isinstance(plan, dict) else plan
+             for site, plan in header["plans"].items()}
     try:
         config = NaniteConfig.from_options(options)
     except (TypeError, ValueError) as e:
@@ -403,7 +406,7 @@ def read_saved(directory: str | os.PathLike) -> SavedNanite:
     return SavedNanite(
         directory=d,
         config=config,
-        plans=dict(header["plans"]),
+        plans=plans,
         report=rep,
         fingerprint={"class": body["class"], "parameters": body["parameters"]},
         tensors=tensors,

@@ -119,9 +119,9 @@ def test_round_trip_onto_a_reloaded_model_with_learned_tensors(saved, tmp_path):
 
 
 def test_a_save_from_before_max_level_keeps_every_level(tmp_path):
-    """A save whose config has no max_level (written before the option existed, when
-    every pooled level was used) loads with max_level None and the same outputs, not
-    with today's default."""
+    """A save written before the option existed (no max_level in its config nor in its
+    plans; every pooled level was used) loads, with max_level None and the same outputs,
+    not with today's default nor refused for plans that differ by the new key."""
     from nanite_compile.io import _plan_hash
 
     model = tiny_llama()
@@ -130,10 +130,14 @@ def test_a_save_from_before_max_level_keeps_every_level(tmp_path):
     nanite_compile.save(converted, tmp_path, source="tiny-llama")
     header = json.loads((tmp_path / JSON_NAME).read_text())
     del header["config"]["max_level"]
+    for plan in header["plans"].values():
+        del plan["max_level"]
     header["sha256"]["plan"] = _plan_hash(header["config"], header["plans"])
     (tmp_path / JSON_NAME).write_text(json.dumps(header))
     loaded = nanite_compile.load(tmp_path, model)
     assert loaded.__dict__["_nanite_state"].config.max_level is None
+    plans = {s.site: s.plan for s in nanite_compile.report(loaded).sites}
+    assert plans and all(p["max_level"] is None for p in plans.values())
     x = ids()
     assert torch.equal(logits(loaded, x), logits(converted, x))
 
