@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from nanite_compile import NaniteConfig
 from nanite_compile.kernels import cpu as cpu_kernels
-from nanite_compile.kernels.levels import STATE, TileParams
+from nanite_compile.kernels.levels import DEFAULT_SHARPNESS, STATE, TileParams
+from nanite_compile.kernels.ops import _params as _op_params
 from nanite_compile.kernels.reference import random_features, tiled_attention
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -100,9 +101,7 @@ def _measure(n, args, dev, dtype, fast, rows, series, sdpa_series) -> None:
         sdpa_series[0].append(n)
         sdpa_series[1].append(t_sdpa)
     for b in args.budgets:
-        p = TileParams(tile=args.tile, window=args.window, anchors=args.anchors,
-                       horizon=None, budget=b, budget_reads=None,
-                       state_features=args.head_dim, max_level=_max_level(args))
+        p = _plan(args, b)
         stats: dict = {}
 
         def tiled(p=p, stats=stats):
@@ -132,9 +131,12 @@ def _measure(n, args, dev, dtype, fast, rows, series, sdpa_series) -> None:
         rows.append(row)
 
 
-def _max_level(args) -> int | None:
-    """``--max-level``: -1 (or None) means every level."""
-    return None if args.max_level is None or args.max_level < 0 else args.max_level
+def _plan(args, budget: float) -> TileParams:
+    """The plan the op would run for these options (decoded as the op decodes its
+    arguments: ``--max-level -1`` is every level)."""
+    max_level = -1 if args.max_level is None else args.max_level
+    return _op_params(args.tile, args.window, args.anchors, -1, budget, 0, args.head_dim,
+                      DEFAULT_SHARPNESS, max_level)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,9 +211,7 @@ def _profile(n, args, dev, dtype, fast) -> None:
     v = torch.randn(1, args.kv_heads, n, args.head_dim, device=dev, dtype=dtype)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     for b in args.budgets:
-        p = TileParams(tile=args.tile, window=args.window, anchors=args.anchors,
-                       horizon=None, budget=b, budget_reads=None,
-                       state_features=args.head_dim, max_level=_max_level(args))
+        p = _plan(args, b)
 
         def call(p=p):
             out = tiled_attention(q, k, v, None, scale=args.head_dim ** -0.5, is_causal=True,
