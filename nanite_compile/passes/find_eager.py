@@ -1143,7 +1143,7 @@ def _unread_scores(x: Any, limit: int = 12) -> tuple[fx.Node, list[str]] | None:
     nodes deep; None when no score product is that close (then the softmax is not
     taken for attention).
     """
-    if not isinstance(x, fx.Node) or _is_product(x):
+    if not isinstance(x, fx.Node):
         return None
     parent: dict[fx.Node, fx.Node | None] = {x: None}
     frontier = [x]
