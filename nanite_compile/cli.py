@@ -38,6 +38,8 @@ _CONFIG_OPTIONS = [
     ("state_features", int, "width of the recurrent state's feature map (0: no state)"),
     ("sharpness", float, "how sharply tile reads follow the estimated attention mass (0: old rule)"),
     ("max_level", int, "coarsest pooled level a kept tile is read at (default 1: pairs)"),
+    ("select", str, "how a query's tiles are chosen: row (one table row per query tile, "
+                    "the default) or query (each query its own exact tiles)"),
     ("max_error", float, "with --calibration: keep a site exact if its error stays above this"),
     ("plan_check", bool, "with --calibration: keep the cost model's plan only if the calibration "
                          "text's loss is no worse than with the uniform budget"),
@@ -412,7 +414,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    from .config import IMPLS, NaniteConfig
+    from .config import IMPLS, SELECTS, NaniteConfig
 
     defaults = NaniteConfig()
     g = p.add_argument_group("conversion options (NaniteConfig)")
@@ -430,6 +432,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         if name == "impl":
             kw["choices"] = IMPLS
+        if name == "select":
+            kw["choices"] = SELECTS
         g.add_argument(flag, **kw)
 
 

@@ -385,8 +385,9 @@ def read_saved(directory: str | os.PathLike) -> SavedNanite:
     # a save from before max_level existed ran every pooled level: its config and its
     # plans say so explicitly from here on (the same outputs, and the plans the sites get
     # compare equal to the saved ones)
-    options = {"max_level": None, **header["config"]}
-    plans = {site: {"max_level": None, **plan} if isinstance(plan, dict) else plan
+    # (and one from before select existed chose per query tile)
+    options = {"max_level": None, "select": "row", **header["config"]}
+    plans = {site: {"max_level": None, "select": "row", **plan} if isinstance(plan, dict) else plan
              for site, plan in header["plans"].items()}
     try:
         config = NaniteConfig.from_options(options)

@@ -613,6 +613,30 @@ def test_config_max_level_reaches_the_level_table():
     assert int(rec["old_graph"][0]["levels"].max()) > 2
 
 
+def test_config_select_reaches_the_op():
+    """NaniteConfig(select="query") reaches every rewritten call: the report's plans say
+    so, each query reads within the budget while its row computes the union of its
+    queries' tiles, and the outputs differ from the row rule's (another selection)."""
+    model = _tiny_llama(vocab=VOCAB, max_pos=512, impl="sdpa")
+    x = torch.randint(0, VOCAB, (1, 384), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for select in ("row", "query"):
+        cfg = NaniteConfig(budget=0.3, tile=16, window=2, anchors=1, select=select)
+        conv = nanite_compile.convert(model, config=cfg)
+        assert {s.plan["select"] for s in nanite_compile.report(conv).sites} == {select}
+        with recording() as rec, torch.no_grad():
+            outs[select] = conv(x).logits
+        recs = [r for rs in rec.values() for r in rs]
+        assert recs and all(r["path"] == "tiled" for r in recs)
+        for r in recs:
+            assert r["reads_per_query"] <= 0.3 * r["exact_reads_per_query"] + 16
+            assert r["computed_per_query"] >= r["reads_per_query"]
+    assert bool(torch.isfinite(outs["query"]).all())
+    assert not torch.equal(outs["row"], outs["query"])
+    with pytest.raises(ValueError, match="select must be one of"):
+        NaniteConfig(select="token")
+
+
 def test_config_impl_reaches_the_op(monkeypatch):
     """NaniteConfig.impl is carried into every rewritten call: 'torch' runs PyTorch on the
     CPU; 'triton' on CPU tensors without the interpreter fails with the fix in the message."""

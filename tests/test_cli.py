@@ -155,6 +155,16 @@ def test_max_level_flag():
     assert cli._config(parser.parse_args(["convert", "model.gguf"])).max_level == 1
 
 
+def test_select_flag():
+    """--select query sets NaniteConfig.select; anything else is refused by argparse."""
+    parser = cli.build_parser()
+    assert cli._config(parser.parse_args(["convert", "model.gguf", "--select", "query"])).select \
+        == "query"
+    assert cli._config(parser.parse_args(["convert", "model.gguf"])).select == "row"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["convert", "model.gguf", "--select", "token"])
+
+
 def test_convert_saves_and_reports(converted_dirs):
     rc, out, err, saved, rep = converted_dirs
     assert rc == 0, err

@@ -118,10 +118,11 @@ def test_round_trip_onto_a_reloaded_model_with_learned_tensors(saved, tmp_path):
     assert torch.equal(got["model.layers.0.self_attn/feature_proj"], proj)
 
 
-def test_a_save_from_before_max_level_keeps_every_level(tmp_path):
-    """A save written before the option existed (no max_level in its config nor in its
-    plans; every pooled level was used) loads, with max_level None and the same outputs,
-    not with today's default nor refused for plans that differ by the new key."""
+def test_a_save_from_before_max_level_and_select_keeps_what_it_ran(tmp_path):
+    """A save written before the options existed (no max_level nor select in its config
+    nor in its plans; every pooled level was used, one table row per query tile) loads,
+    with max_level None, select "row" and the same outputs, not with today's default
+    nor refused for plans that differ by the new keys."""
     from nanite_compile.io import _plan_hash
 
     model = tiny_llama()
@@ -129,15 +130,29 @@ def test_a_save_from_before_max_level_keeps_every_level(tmp_path):
                                                                   max_level=None))
     nanite_compile.save(converted, tmp_path, source="tiny-llama")
     header = json.loads((tmp_path / JSON_NAME).read_text())
-    del header["config"]["max_level"]
-    for plan in header["plans"].values():
-        del plan["max_level"]
+    for key in ("max_level", "select"):
+        del header["config"][key]
+        for plan in header["plans"].values():
+            del plan[key]
     header["sha256"]["plan"] = _plan_hash(header["config"], header["plans"])
     (tmp_path / JSON_NAME).write_text(json.dumps(header))
     loaded = nanite_compile.load(tmp_path, model)
-    assert loaded.__dict__["_nanite_state"].config.max_level is None
+    config = loaded.__dict__["_nanite_state"].config
+    assert config.max_level is None and config.select == "row"
     plans = {s.site: s.plan for s in nanite_compile.report(loaded).sites}
-    assert plans and all(p["max_level"] is None for p in plans.values())
+    assert plans and all(p["max_level"] is None and p["select"] == "row" for p in plans.values())
+    x = ids()
+    assert torch.equal(logits(loaded, x), logits(converted, x))
+
+
+def test_a_per_query_selection_saves_and_loads(tmp_path):
+    model = tiny_llama()
+    converted = nanite_compile.convert(model, config=NaniteConfig(tile=16, budget=0.3,
+                                                                  select="query"))
+    nanite_compile.save(converted, tmp_path, source="tiny-llama")
+    loaded = nanite_compile.load(tmp_path, model)
+    assert loaded.__dict__["_nanite_state"].config.select == "query"
+    assert {s.plan["select"] for s in nanite_compile.report(loaded).sites} == {"query"}
     x = ids()
     assert torch.equal(logits(loaded, x), logits(converted, x))
 

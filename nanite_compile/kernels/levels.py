@@ -42,6 +42,9 @@ DEFAULT_SHARPNESS = 6.0
 # x1.270 at 1
 DEFAULT_MAX_LEVEL = 1
 
+# how the tiles a query reads are chosen (TileParams.select, NaniteConfig.select)
+SELECTS = ("row", "query")
+
 
 @dataclass(frozen=True)
 class TileParams:
@@ -56,6 +59,13 @@ class TileParams:
     state_features: int
     sharpness: float = DEFAULT_SHARPNESS
     max_level: int | None = None
+    # "row": one level table row per query tile (every query of the tile reads it);
+    # "query": each query reads its own exact tiles (`build_query_selection`)
+    select: str = "row"
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS}, got {self.select!r}")
 
     @property
     def max_pool(self) -> int:
@@ -96,6 +106,26 @@ def tile_density(k: torch.Tensor, key_valid: torch.Tensor, tile: int) -> torch.T
     """
     disp = tile_dispersion(k, key_valid, tile)
     return disp / disp.mean(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _group_means(k: torch.Tensor, key_valid: torch.Tensor, tile: int, means: int):
+    """Each tile's keys averaged in ``E = means`` groups of consecutive keys.
+
+    Returns the mean keys ``[B, Hkv, mk*E, D]`` (float32, padding left out), the
+    log of each group's key count ``[B, 1, mk*E]`` (-inf for an empty group: the
+    bias that makes a mean key stand for its keys in a softmax) and ``E``.
+    """
+    b, hkv, n, d = k.shape
+    E = max(1, min(int(means), tile))
+    if tile % E:
+        raise ValueError(f"means ({E}) must divide the tile ({tile})")
+    pool = tile // E  # keys per mean key
+    groups = n // tile * E
+    w = key_valid.reshape(b, 1, groups, pool, 1).to(torch.float32)
+    cnt = w.sum(3)  # [B, 1, groups, 1]
+    mean = (k.to(torch.float32).reshape(b, hkv, groups, pool, d) * w).sum(3) / cnt.clamp_min(1.0)
+    logn = torch.where(cnt > 0, cnt.clamp_min(1.0).log(), torch.full_like(cnt, -math.inf))
+    return mean, logn[..., 0], E
 
 
 def tile_importance(
@@ -154,17 +184,10 @@ def tile_importance(
     hkv, n = k.shape[1], k.shape[2]
     G = h // hkv
     T = tile
-    E = max(1, min(int(means), T))  # mean keys per tile
-    if T % E:
-        raise ValueError(f"means ({E}) must divide the tile ({T})")
-    pool = T // E  # keys per mean key
     mk = n // T
     f32 = torch.float32
-    w = key_valid.reshape(b, 1, mk * E, pool, 1).to(f32)
-    cnt = w.sum(3)  # [B, 1, mk*E, 1]
-    mean = (k.to(f32).reshape(b, hkv, mk * E, pool, d) * w).sum(3) / cnt.clamp_min(1.0)
-    logn = torch.where(cnt > 0, cnt.clamp_min(1.0).log(), torch.full_like(cnt, -math.inf))
-    logn = logn[:, :, None, None, :, 0]  # [B, 1, 1, 1, mk*E]
+    mean, logn, E = _group_means(k, key_valid, T, means)
+    logn = logn[:, :, None, None, :]  # [B, 1, 1, 1, mk*E]
 
     q0 = nk - nq  # absolute position of the first query
     jq0 = q0 // T
@@ -230,6 +253,138 @@ def tile_importance(
     return out.reshape(b, hkv, mq, mk, E).sum(-1) / nper[None, None, :, None]
 
 
+def query_tile_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_valid: torch.Tensor,
+    tile: int,
+    scale: float,
+    causal: bool,
+    nk: int,
+    chunk_bytes: int = 64 * 2**20,
+    means: int = 4,
+) -> torch.Tensor:
+    """Each query's own estimate of the attention mass it gives each key tile.
+
+    The per-query form of `tile_importance` (the ``select="query"`` rule): every
+    query takes a softmax over the ``means`` mean keys of each tile (log-count
+    bias), a tile's mass is the sum over its groups, averaged over the query
+    heads that share the KV head (so the G heads of a position read the same
+    tiles). Under causality a query scores only the tiles before its own, whose
+    keys all precede it: its estimate, and so its selection, depends on nothing
+    after it. The queries are laid out as the level table's rows (the last
+    ``Nq`` positions, padded to whole tiles; padding positions get zeros).
+
+    Returns:
+        ``[B, Hkv, mq, T, mk]`` float32; a query's row sums to at most 1.
+    """
+    b, h, nq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    G = h // hkv
+    T = tile
+    mk = n // T
+    mean, logn, E = _group_means(k, key_valid, T, means)
+    q0 = nk - nq
+    jq0 = q0 // T
+    mq = mk - jq0
+    front = q0 - jq0 * T
+    qq = torch.nn.functional.pad(q.to(torch.float32), (0, 0, front, mq * T - nq - front))
+    qq = qq.reshape(b, hkv, G, mq, T, d)
+    mean_t = (mean * scale).transpose(-1, -2)[:, :, None, None]  # [B, Hkv, 1, 1, D, mk*E]
+    etile = torch.arange(mk * E, device=q.device) // E
+    out = torch.zeros(b, hkv, mq, T, mk, dtype=torch.float32, device=q.device)
+    per_row = b * hkv * G * T * mk * E * 4 * 3
+    rows = max(1, int(chunk_bytes // max(per_row, 1)))
+    for r0 in range(0, mq, rows):
+        r1 = min(mq, r0 + rows)
+        # causal: the tiles strictly before each row's own (all their keys precede it)
+        cols = (jq0 + r1 - 1) * E if causal else mk * E
+        if cols <= 0:
+            continue
+        bias = logn[:, :, None, None, None, :cols]  # [B, 1, 1, 1, 1, cols]
+        if causal:
+            see = etile[:cols][None, :] < (jq0 + torch.arange(r0, r1, device=q.device))[:, None]
+            bias = bias.masked_fill(~see[:, None, :], -math.inf)  # [B, 1, 1, c, 1, cols]
+        sc = torch.matmul(qq[:, :, :, r0:r1], mean_t[..., :cols]).add_(bias)  # [B,Hkv,G,c,T,cols]
+        p = torch.softmax(sc, dim=-1).nan_to_num_(0.0)  # a row that sees nothing: 0
+        mass = p.reshape(b, hkv, G, r1 - r0, T, cols // E, E).sum(-1).mean(2)
+        out[:, :, r0:r1, :, : cols // E] = mass
+    return out
+
+
+def build_query_selection(
+    query_mass: torch.Tensor,
+    q_tiles: torch.Tensor,
+    params: TileParams,
+    *,
+    causal: bool,
+    window: int | None,
+    tile_valid: torch.Tensor,
+    query_valid: torch.Tensor,
+    chunk_bytes: int = 64 * 2**20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``select="query"`` rule: every query reads its own tiles.
+
+    Each row's allowance is the same as `build_levels` gives (one common cap on
+    the reads per query, within the budget), spent in whole exact tiles: every
+    query keeps the row's fixed tiles (near field, anchors, window edge) and
+    the middle tiles it gives the most estimated mass (``query_mass``, from
+    `query_tile_mass`), as many as its allowance holds; the others it does not
+    see. So each query reads at most its row's allowance, and what it reads
+    depends only on itself and on the keys before it.
+
+    Measured on SmolLM2 at 8192 tokens of Hamlet, budget 0.25 (perplexity on
+    [4k, 8k) against the original): x1.031 (overall x1.020) with this estimate,
+    x1.017 with each query's exact attention mass (the oracle), against x1.051
+    (x1.039) for one table row shared by 32 queries. The row computes the union
+    of its queries' tiles (about 1.8x the allowance at 0.25 there).
+
+    Args:
+        query_mass: ``[B, Hkv, mq, T, mk]``.
+        q_tiles, params, causal, window, tile_valid: as `build_levels`.
+        query_valid: ``[mq, T]`` bool, False for the padding positions of the
+            query tiles (they select nothing beyond the fixed tiles).
+        chunk_bytes: scratch bound of the per-query top-k.
+
+    Returns:
+        ``levels`` ``[B, Hkv, mq, mk]`` int8: EXACT for the tiles some query of
+        the row reads (the union), NONE elsewhere; and ``keep``
+        ``[B, Hkv, mq, T, mk]`` bool: the tiles each query reads.
+    """
+    b, hkv, mq, T, mk = query_mass.shape
+    levels, vis, fixed, mid, exact_reads, fixed_reads, _ = _row_layout(
+        q_tiles, params, causal=causal, window=window, tile_valid=tile_valid, hkv=hkv, mk=mk)
+    if params.budget_reads is not None:
+        allow = exact_reads.clamp(max=float(params.budget_reads))
+    elif params.budget >= 1.0:
+        allow = exact_reads
+    else:
+        allow = _allowance(exact_reads, fixed_reads, params.budget)
+    # middle tiles each query of the row may add, in whole tiles: [B, 1, mq]
+    n_add = ((allow - fixed_reads) / T).floor().clamp_min(0.0).to(torch.int64)
+    keep = torch.zeros(b, hkv, mq, T, mk, dtype=torch.bool, device=query_mass.device)
+    per_row = hkv * T * mk * 12  # the masked priorities and the top-k indices
+    rows = max(1, int(chunk_bytes // max(per_row * b, 1)))
+    for r0 in range(0, mq, rows):
+        r1 = min(mq, r0 + rows)
+        na = n_add[:, :, r0:r1]  # [B, 1, c]
+        kmax = int(na.max()) if na.numel() else 0
+        if kmax == 0:
+            continue
+        kmax = min(kmax, mk)
+        m = mid[:, :, r0:r1, None, :]  # [B, 1, c, 1, mk]
+        pri = query_mass[:, :, r0:r1].masked_fill(~m, -1.0)
+        top = pri.topk(kmax, dim=-1).indices  # [B, Hkv, c, T, kmax]
+        take = torch.arange(kmax, device=top.device) < na[:, :, :, None, None]
+        sel = torch.zeros_like(keep[:, :, r0:r1]).scatter_(-1, top, take.expand_as(top))
+        keep[:, :, r0:r1] = sel & m & query_valid[None, None, r0:r1, :, None]
+    keep |= fixed[:, :, :, None, :]
+    union = keep.any(3) | fixed  # [B, Hkv, mq, mk]
+    levels = torch.where(union & vis, levels, torch.tensor(NONE, dtype=torch.int8,
+                                                            device=levels.device))
+    return levels, keep
+
+
 def _allowance(orig: torch.Tensor, fixed: torch.Tensor, budget: float) -> torch.Tensor:
     """Per-row key-read allowance ``max(fixed_j, min(c, orig_j))``.
 
@@ -269,6 +424,48 @@ def _allowance(orig: torch.Tensor, fixed: torch.Tensor, budget: float) -> torch.
     return torch.maximum(fixed, orig.clamp(max=c))
 
 
+def _row_layout(q_tiles: torch.Tensor, params: TileParams, *, causal: bool,
+                window: int | None, tile_valid: torch.Tensor, hkv: int, mk: int):
+    """What every row of a level table sees before any budget: the visible tiles, the
+    fixed ones (near field, anchors, tiles a window edge straddles) and the middle.
+
+    Returns ``levels`` (EXACT where visible, NONE elsewhere, ``[B, Hkv, mq, mk]`` int8),
+    ``vis``, ``fixed``, ``mid`` (``[B, 1, mq, mk]`` bool, padding tiles excluded),
+    ``exact_reads`` and ``fixed_reads`` (``[B, 1, mq]`` float64) and ``adist``
+    (``[mq, mk]``, tile distance).
+    """
+    T = params.tile
+    b = tile_valid.shape[0]
+    dev = tile_valid.device
+    ki = torch.arange(mk, device=dev)
+    dist = q_tiles[:, None] - ki[None, :]  # [mq, mk]
+    adist = dist.abs()
+    visible = (dist >= 0) if causal else torch.ones_like(dist, dtype=torch.bool)
+    forced = torch.zeros_like(visible)
+    if window is not None:
+        # token ranges: query tile j covers [jT, jT+T-1], key tile i covers [iT, iT+T-1]
+        lo_key_needed = q_tiles[:, None] * T - window + 1  # earliest key the first query sees
+        hi_key_needed = q_tiles[:, None] * T + T - 1 - window + 1  # earliest key the last query sees
+        tile_end = ki[None, :] * T + T - 1
+        tile_start = ki[None, :] * T
+        visible &= tile_end >= lo_key_needed
+        forced = visible & (tile_start < hi_key_needed)  # straddles the window edge
+    near = visible & (adist < params.window)
+    anchor = visible & (ki[None, :] < params.anchors)
+    fixed_t = near | anchor | forced
+    middle = visible & ~fixed_t
+
+    tv = tile_valid[:, None, None, :]
+    vis = visible[None, None] & tv  # [B, 1, mq, mk]
+    mid = middle[None, None] & tv
+    fixed = fixed_t[None, None] & tv
+    levels = torch.full((b, hkv, q_tiles.numel(), mk), NONE, dtype=torch.int8, device=dev)
+    levels = torch.where(vis, torch.tensor(EXACT, dtype=torch.int8, device=dev), levels)
+    exact_reads = vis.sum(-1).to(torch.float64) * T  # [B, 1, mq]: the original cost
+    fixed_reads = fixed.sum(-1).to(torch.float64) * T
+    return levels, vis, fixed, mid, exact_reads, fixed_reads, adist
+
+
 def build_levels(
     density: torch.Tensor,
     q_tiles: torch.Tensor,
@@ -304,34 +501,12 @@ def build_levels(
     Returns:
         ``[B, Hkv, mq, mk]`` int8 level table.
     """
-    T = params.tile
     ref = density if importance is None else importance[:, :, 0]
     b, hkv, mk = ref.shape
+    T = params.tile
     dev = ref.device
-    ki = torch.arange(mk, device=dev)
-    dist = q_tiles[:, None] - ki[None, :]  # [mq, mk]
-    adist = dist.abs()
-    visible = (dist >= 0) if causal else torch.ones_like(dist, dtype=torch.bool)
-    forced = torch.zeros_like(visible)
-    if window is not None:
-        # token ranges: query tile j covers [jT, jT+T-1], key tile i covers [iT, iT+T-1]
-        lo_key_needed = q_tiles[:, None] * T - window + 1  # earliest key the first query sees
-        hi_key_needed = q_tiles[:, None] * T + T - 1 - window + 1  # earliest key the last query sees
-        tile_end = ki[None, :] * T + T - 1
-        tile_start = ki[None, :] * T
-        visible &= tile_end >= lo_key_needed
-        forced = visible & (tile_start < hi_key_needed)  # straddles the window edge
-    near = visible & (adist < params.window)
-    anchor = visible & (ki[None, :] < params.anchors)
-    fixed = near | anchor | forced
-    middle = visible & ~fixed
-
-    vis = visible[None, None] & tile_valid[:, None, None, :]  # [B, 1, mq, mk]
-    mid = middle[None, None] & tile_valid[:, None, None, :]
-    levels = torch.full((b, hkv, q_tiles.numel(), mk), NONE, dtype=torch.int8, device=dev)
-    levels = torch.where(vis, torch.tensor(EXACT, dtype=torch.int8, device=dev), levels)
-    exact_reads = vis.sum(-1).to(torch.float64) * T  # [B, 1, mq]: the original cost
-    fixed_reads = (fixed[None, None] & tile_valid[:, None, None, :]).sum(-1).to(torch.float64) * T
+    levels, vis, fixed, mid, exact_reads, fixed_reads, adist = _row_layout(
+        q_tiles, params, causal=causal, window=window, tile_valid=tile_valid, hkv=hkv, mk=mk)
     n_mid = mid.sum(-1).to(torch.float64)
     use_state = params.state_features > 0 and window is None
     F = float(params.state_features) if use_state else 0.0

@@ -109,7 +109,8 @@ def collecting(max_calls: int = 8) -> Iterator[dict]:
 
 
 def _params(tile, window, anchors, horizon, budget, budget_reads, state_features,
-            sharpness: float = DEFAULT_SHARPNESS, max_level: int = -1) -> TileParams:
+            sharpness: float = DEFAULT_SHARPNESS, max_level: int = -1,
+            select: str = "row") -> TileParams:
     return TileParams(
         tile=tile,
         window=window,
@@ -120,6 +121,7 @@ def _params(tile, window, anchors, horizon, budget, budget_reads, state_features
         state_features=state_features,
         sharpness=sharpness,
         max_level=None if max_level < 0 else max_level,
+        select=select,
     )
 
 
@@ -187,6 +189,7 @@ def tiled_attention(
     sharpness: float = DEFAULT_SHARPNESS,
     impl: str = "auto",
     max_level: int = -1,
+    select: str = "row",
 ) -> torch.Tensor:
     """Tiled attention, DESIGN.md section 1.
 
@@ -210,6 +213,8 @@ def tiled_attention(
             path instead of falling back to PyTorch.
         max_level: the coarsest pooled level a kept tile is read at (``-1``:
             every level, the op's behaviour before the argument existed).
+        select: ``"row"`` (one level table row per query tile) or ``"query"``
+            (each query reads its own exact tiles, `levels.build_query_selection`).
 
     Returns:
         ``[B, H, Nq, Dv]`` in q's dtype.
@@ -222,7 +227,7 @@ def tiled_attention(
                                for t in (q, k, v, attn_mask, scale, is_causal)))
         return exact_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
     params = _resolve(site, tile, window, anchors, horizon, budget, budget_reads,
-                      state_features, sharpness, max_level)
+                      state_features, sharpness, max_level, select)
     site = site_name(site)
     store = _RECORDER.get()
     stats: dict | None = {} if store is not None else None
@@ -248,6 +253,7 @@ def tiled_attention(
             "mask": stats.get("mask", ""),
             "reads_per_query": stats.get("reads_per_query"),
             "exact_reads_per_query": stats.get("exact_reads_per_query"),
+            "computed_per_query": stats.get("computed_per_query", stats.get("reads_per_query")),
             "q_shape": list(q.shape),
             "k_shape": list(k.shape),
         }
@@ -264,7 +270,7 @@ def tiled_attention(
 @tiled_attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, tile, window, anchors, horizon, budget,
       budget_reads, state_features, seed, site, sharpness=DEFAULT_SHARPNESS, impl="auto",
-      max_level=-1):
+      max_level=-1, select="row"):
     torch._check(q.dim() == 4, lambda: "q must be [B, H, N, D]")
     torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be [B, Hkv, N, D]")
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
@@ -289,6 +295,7 @@ def tiled_attention_backward(
     seed: int,
     sharpness: float = DEFAULT_SHARPNESS,
     max_level: int = -1,
+    select: str = "row",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``tiled_attention`` w.r.t. q, k, v (recomputed in PyTorch).
 
@@ -297,7 +304,7 @@ def tiled_attention_backward(
     op, so that tracing (AOT autograd, export) sees one opaque call.
     """
     params = _params(tile, window, anchors, horizon, budget, budget_reads, state_features,
-                     sharpness, max_level)
+                     sharpness, max_level, select)
     # the op body runs below the autograd key; torch.func builds its own graph
     def f(q_, k_, v_):
         return _tiled_reference(q_, k_, v_, attn_mask, scale=scale, is_causal=is_causal,
@@ -322,11 +329,12 @@ def _setup_context(ctx, inputs, output):
     site = inputs[14]
     sharpness = inputs[15] if len(inputs) > 15 else DEFAULT_SHARPNESS
     max_level = inputs[17] if len(inputs) > 17 else -1
-    p = _resolve(site, *inputs[6:13], sharpness, max_level)  # the plan the forward ran
+    select = inputs[18] if len(inputs) > 18 else "row"
+    p = _resolve(site, *inputs[6:13], sharpness, max_level, select)  # the plan the forward ran
     ctx.rest = (scale, is_causal, p.tile, p.window, p.anchors,
                 -1 if p.horizon is None else p.horizon, p.budget,
                 0 if p.budget_reads is None else p.budget_reads, p.state_features,
-                inputs[13], p.sharpness, -1 if p.max_level is None else p.max_level)
+                inputs[13], p.sharpness, -1 if p.max_level is None else p.max_level, p.select)
 
 
 def _backward(ctx, grad):

@@ -20,7 +20,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .levels import EXACT, NONE, STATE, TileParams, build_levels, tile_density, tile_importance
+from .levels import (
+    EXACT,
+    NONE,
+    STATE,
+    TileParams,
+    build_levels,
+    build_query_selection,
+    query_tile_mass,
+    tile_density,
+    tile_importance,
+)
 from .masks import BLOCKED_BELOW, read_mask
 
 __all__ = [
@@ -139,6 +149,19 @@ def _entry_index(levels: torch.Tensor, offsets: torch.Tensor, tile: int):
     return torch.where(ok, idx, torch.zeros_like(idx)), ok
 
 
+def _check_query_keep(levels: torch.Tensor, query_keep: torch.Tensor | None) -> None:
+    """A per-query selection needs whole exact tiles (no summaries, no state)."""
+    if query_keep is None:
+        return
+    b, hkv, mq, mk = levels.shape
+    if query_keep.dim() != 5 or query_keep.shape[:3] != (b, hkv, mq) or query_keep.shape[4] != mk:
+        raise ValueError(f"query_keep must be [B, Hkv, mq, T, mk] for levels {tuple(levels.shape)}, "
+                         f"got {tuple(query_keep.shape)}")
+    if bool((levels > EXACT).any() | (levels == STATE).any()):
+        raise ValueError("a per-query selection (query_keep) reads whole exact tiles: the level "
+                         "table must hold only EXACT and NONE")
+
+
 def tile_layout(q, k, v, key_valid, tile):
     """Pad keys to whole tiles and group queries by (KV head, query tile), in compute dtype.
 
@@ -189,6 +212,7 @@ def tiled_attention_from_levels(
     feature_proj: torch.Tensor | None = None,
     state_phi=None,
     chunk_bytes: int = 256 * 2**20,
+    query_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tiled attention for a given level table (DESIGN.md section 1).
 
@@ -209,12 +233,16 @@ def tiled_attention_from_levels(
             exact finite kernel map for tests; its products are not on the
             softmax scale, so it is only meaningful when every tile is STATE.
         chunk_bytes: scratch memory bound per chunk of query tiles.
+        query_keep: ``[B, Hkv, mq, T, mk]`` bool or None: the tiles each query
+            reads (`build_query_selection`); a query does not see the exact keys
+            of the other tiles of its row's table. Needs a table of EXACT/NONE.
 
     Returns:
         ``[B, H, Nq, D]`` in q's dtype.
     """
     cd, b, h, nq, d, hkv, nk, dv, G, T, mk, jq0, mq, qpad_front, valid, kc, vc, qc = \
         tile_layout(q, k, v, key_valid, tile)
+    _check_query_keep(levels, query_keep)
     qc = qc.reshape(b, hkv, mq, G * T, d)
     qpos = (jq0 * T + torch.arange(mq * T, device=q.device)).reshape(mq, T)
     qpos = qpos[:, None, :].expand(mq, G, T).reshape(mq, G * T)  # [mq, G*T]
@@ -265,6 +293,11 @@ def tiled_attention_from_levels(
             blocked = blocked | (ep > qp)
         if window is not None:
             blocked = blocked | ((ep >= 0) & (ep <= qp - window))
+        if query_keep is not None:  # the tiles each query chose itself
+            et = (pos.clamp_min(0) // T)[:, :, :, None, :].expand(-1, -1, -1, T, -1)
+            sel = query_keep[:, :, c0:c1].gather(-1, et)  # [B,Hkv,c,T,P]
+            sel = sel[:, :, :, None].expand(-1, -1, -1, G, -1, -1).reshape(b, hkv, c1 - c0, G * T, P)
+            blocked = blocked | ((ep >= 0) & ~sel)
         s = s.masked_fill(blocked, -math.inf)
         m = s.amax(-1, keepdim=True)  # [B,Hkv,c,G*T,1]
         if any_state:
@@ -381,9 +414,19 @@ def tiled_attention(
     valid = torch.ones(b, nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
     validp = F.pad(valid, (0, npad - nk), value=False)
     kc = F.pad(k.to(_compute_dtype(q)), (0, 0, 0, npad - nk))
-    key = (T, causal, params.sharpness > 0)
+    jq0 = (nk - nq) // T
+    q_tiles = torch.arange(jq0, mk, device=q.device)
+    tile_valid = validp.reshape(b, mk, T).any(-1)
+    query_keep = None
+    per_query = params.select == "query"
+    key = (T, causal, "query" if per_query else params.sharpness > 0)
     if reuse is not None and key in reuse:
         density, importance = reuse[key]
+    elif per_query:
+        density = None
+        with _stage("nanite.importance"):
+            importance = query_tile_mass(q, kc, validp, T, scale, causal, nk,
+                                         chunk_bytes=max(chunk_bytes // 4, 2**20))
     else:
         with _stage("nanite.importance"):
             density = importance = None  # the rule reads one of them
@@ -396,19 +439,35 @@ def tiled_attention(
                                              stride=max(1, T // 8))
         if reuse is not None:
             reuse[key] = (density, importance)
-    jq0 = (nk - nq) // T
-    q_tiles = torch.arange(jq0, mk, device=q.device)
     with _stage("nanite.levels"):
-        levels = build_levels(
-            density, q_tiles, params, causal=causal, window=window,
-            tile_valid=validp.reshape(b, mk, T).any(-1), nk=nk, importance=importance,
-        )
+        if per_query:
+            q_front = nk - nq - jq0 * T
+            qv = torch.zeros(q_tiles.numel() * T, dtype=torch.bool, device=q.device)
+            qv[q_front:q_front + nq] = True
+            levels, query_keep = build_query_selection(
+                importance, q_tiles, params, causal=causal, window=window,
+                tile_valid=tile_valid, query_valid=qv.reshape(-1, T),
+                chunk_bytes=max(chunk_bytes // 4, 2**20))
+        else:
+            levels = build_levels(
+                density, q_tiles, params, causal=causal, window=window,
+                tile_valid=tile_valid, nk=nk, importance=importance,
+            )
     if params.state_features > 0 and feature_proj is None and bool((levels == STATE).any()):
         feature_proj = random_features(d, params.state_features, hkv, seed, q.device,
                                        _compute_dtype(q))
     impl = "reference"
     with _stage("nanite.attend"):
         use_fast = fast is not None and fast.supports(q, v, window)
+        if query_keep is not None and use_fast and not getattr(fast, "QUERY_KEEP", False):
+            # the Triton kernel reads one table row per query tile; a per-query selection
+            # runs in PyTorch (the CPU path's arithmetic where it applies, else the reference)
+            if require_fast:
+                raise RuntimeError(
+                    "select='query' (each query reads its own tiles) has no Triton kernel yet: "
+                    "convert with impl='auto' or 'torch' to run it in PyTorch, or with "
+                    "select='row' to use the Triton kernel")
+            use_fast = False
         if require_fast and not use_fast:
             raise RuntimeError(
                 f"{getattr(fast, '__name__', 'no fast path')} does not take this call (the "
@@ -417,14 +476,16 @@ def tiled_attention(
                 "with impl='auto' to let PyTorch run it")
         if use_fast:
             impl = fast.__name__.rsplit(".", 1)[-1]
+            extra = {} if query_keep is None else {"query_keep": query_keep}
             out = fast.run(
                 q, k, v, levels, scale=scale, causal=causal, tile=T, key_valid=key_valid,
-                feature_proj=feature_proj, chunk_bytes=chunk_bytes,
+                feature_proj=feature_proj, chunk_bytes=chunk_bytes, **extra,
             )
         else:
             out = tiled_attention_from_levels(
                 q, k, v, levels, scale=scale, causal=causal, tile=T, window=window,
                 key_valid=key_valid, feature_proj=feature_proj, chunk_bytes=chunk_bytes,
+                query_keep=query_keep,
             )
     if bad_rows is not None:
         out = _repair_rows(out, q, k, v, attn_mask, scale, bad_rows)
@@ -434,7 +495,15 @@ def tiled_attention(
         stats["path"] = "tiled"
         stats["impl"] = impl
         stats["levels"] = levels
-        stats["reads_per_query"] = float(level_reads(levels, T, params.state_features).mean())
+        computed = float(level_reads(levels, T, params.state_features).mean())
+        if query_keep is None:
+            stats["reads_per_query"] = computed
+        else:
+            # what each query reads (its own tiles); the row computes their union
+            real = qv.reshape(1, 1, -1, T).expand(query_keep.shape[:4])  # not the padding
+            stats["reads_per_query"] = float(
+                query_keep.sum(-1).to(torch.float64).masked_select(real).mean()) * T
+            stats["computed_per_query"] = computed
         stats["exact_reads_per_query"] = _exact_reads(nq, nk, causal, window, valid)
     return out
 

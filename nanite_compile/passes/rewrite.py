@@ -70,6 +70,7 @@ def site_params(ctx: PassContext, site: str) -> TileParams:
         state_features=over.get("state_features", cfg.state_features),
         sharpness=over.get("sharpness", cfg.sharpness),
         max_level=over.get("max_level", cfg.max_level),
+        select=over.get("select", cfg.select),
     )
 
 
@@ -150,14 +151,14 @@ def plan_args(p: TileParams, seed: int, site: str, impl: str = "auto") -> tuple:
     """
     return (p.tile, p.window, p.anchors, -1 if p.horizon is None else p.horizon, p.budget,
             0 if p.budget_reads is None else p.budget_reads, p.state_features, seed, site,
-            p.sharpness, impl, -1 if p.max_level is None else p.max_level)
+            p.sharpness, impl, -1 if p.max_level is None else p.max_level, p.select)
 
 
 def _plan_dict(p: TileParams) -> dict:
     return {
         "tile": p.tile, "window": p.window, "anchors": p.anchors, "horizon": p.horizon,
         "budget": p.budget, "budget_reads": p.budget_reads, "state_features": p.state_features,
-        "sharpness": p.sharpness, "max_level": p.max_level,
+        "sharpness": p.sharpness, "max_level": p.max_level, "select": p.select,
     }
 
 
