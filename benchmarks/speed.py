@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from nanite_compile import NaniteConfig
 from nanite_compile.kernels import cpu as cpu_kernels
-from nanite_compile.kernels.levels import DEFAULT_SHARPNESS, STATE, TileParams
+from nanite_compile.kernels.levels import DEFAULT_SHARPNESS, SELECTS, STATE, TileParams
 from nanite_compile.kernels.ops import _params as _op_params
 from nanite_compile.kernels.reference import random_features, tiled_attention
 
@@ -112,9 +112,14 @@ def _measure(n, args, dev, dtype, fast, rows, series, sdpa_series) -> None:
         series[b][0].append(n)
         series[b][1].append(t_tiled)
         ratio = stats["reads_per_query"] / stats["exact_reads_per_query"]
+        computed = stats.get("computed_per_query", stats["reads_per_query"])
         row = [n, b, f"{t_sdpa * 1e3:.2f}" if t_sdpa else "-", f"{t_tiled * 1e3:.2f}",
-               f"{t_sdpa / t_tiled:.2f}x" if t_sdpa else "-", f"{ratio:.3f}"]
-        if dev == "cuda":
+               f"{t_sdpa / t_tiled:.2f}x" if t_sdpa else "-", f"{ratio:.3f}",
+               f"{computed / stats['exact_reads_per_query']:.3f}"]
+        if dev == "cuda" and p.select == "query":  # no Triton kernel for it: PyTorch ran
+            row += ["-", stats.get("impl", "?"),
+                    "-" if m_sdpa is None else f"{m_sdpa:.0f}", f"{_peak_mib(tiled, dev):.0f}"]
+        elif dev == "cuda":
             lv = stats["levels"]
             proj = None
             if bool((lv == STATE).any()):
@@ -136,7 +141,7 @@ def _plan(args, budget: float) -> TileParams:
     arguments: ``--max-level -1`` is every level)."""
     max_level = -1 if args.max_level is None else args.max_level
     return _op_params(args.tile, args.window, args.anchors, -1, budget, 0, args.head_dim,
-                      DEFAULT_SHARPNESS, max_level)
+                      DEFAULT_SHARPNESS, max_level, args.select)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"anchor tiles (default {defaults.anchors})")
     ap.add_argument("--max-level", type=int, default=defaults.max_level,
                     help=f"coarsest pooled level (default {defaults.max_level}; -1: every level)")
+    ap.add_argument("--select", choices=SELECTS, default=defaults.select,
+                    help="row: one table row per query tile; query: each query its own tiles "
+                         "(reads/orig is what a query reads, computed/orig what its row computes)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sdpa-max", type=int, default=32768, help="longest N to run SDPA at")
     ap.add_argument("--profile", action="store_true",
@@ -187,8 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         _measure(n, args, dev, dtype, fast, rows, series, sdpa_series)
     threads = f"{torch.get_num_threads()} threads" if dev == "cpu" else torch.cuda.get_device_name()
     print(f"causal attention, B=1, H={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, "
-          f"tile={args.tile}, window={args.window}, anchors={args.anchors}, max_level={args.max_level}, {str(dtype).removeprefix('torch.')}, {threads}, device={dev}")
-    headers = ["N", "budget", "SDPA ms", "tiled ms", "speedup", "reads/orig"]
+          f"tile={args.tile}, window={args.window}, anchors={args.anchors}, max_level={args.max_level}, select={args.select}, {str(dtype).removeprefix('torch.')}, {threads}, device={dev}")
+    headers = ["N", "budget", "SDPA ms", "tiled ms", "speedup", "reads/orig", "computed/orig"]
     if dev == "cuda":
         headers += ["kernel ms", "impl", "SDPA MiB", "tiled MiB"]
     print(tabulate(rows, headers=headers, tablefmt="github"))
