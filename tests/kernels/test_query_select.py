@@ -244,3 +244,21 @@ def test_the_op_differentiates_through_the_selection():
     want = torch.autograd.grad((dense * w).sum(), (qd, kd, vd))
     for got, ref in zip(grads, want, strict=True):
         assert (got - ref).abs().max() < 1e-10
+
+
+def test_the_cost_models_reuse_keeps_the_per_query_estimate():
+    """The cost model's ladder reuses the budget-independent estimate between budgets:
+    the per-query one under its own key, with the same outputs as fresh calls."""
+    q, k, v = _inputs(1, 4, 2, 320, 8, seed=9)
+    reuse: dict = {}
+    for budget in (0.3, 0.6):
+        p = _params(budget=budget)
+        fresh = tiled_attention(q, k, v, None, scale=0.3, is_causal=True, params=p, fast=cpu)
+        again = tiled_attention(q, k, v, None, scale=0.3, is_causal=True, params=p, fast=cpu,
+                                reuse=reuse)
+        assert torch.equal(fresh, again)
+    assert list(reuse) == [(16, True, "query")]
+    row = tiled_attention(q, k, v, None, scale=0.3, is_causal=True, reuse=reuse, fast=cpu,
+                          params=TileParams(tile=16, window=2, anchors=1, horizon=None,
+                                            budget=0.3, budget_reads=None, state_features=0))
+    assert len(reuse) == 2 and bool(torch.isfinite(row).all())
