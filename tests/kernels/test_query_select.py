@@ -262,3 +262,19 @@ def test_the_cost_models_reuse_keeps_the_per_query_estimate():
                           params=TileParams(tile=16, window=2, anchors=1, horizon=None,
                                             budget=0.3, budget_reads=None, state_features=0))
     assert len(reuse) == 2 and bool(torch.isfinite(row).all())
+
+
+def test_one_query_at_the_end_reads_its_own_tiles():
+    """A single query (decoding without the bounded cache): its row is itself, so the
+    table is its selection and the output is softmax over those tiles' keys."""
+    q, k, v = _inputs(1, 4, 2, 300, 16, seed=5)
+    st: dict = {}
+    out = tiled_attention(q[:, :, -1:], k, v, None, scale=0.25, is_causal=False,
+                          params=_params(budget=0.3), fast=cpu, stats=st)
+    assert st["path"] == "tiled" and st["reads_per_query"] == st["computed_per_query"]
+    assert st["reads_per_query"] <= 0.3 * 300 + 16
+    tiles = st["levels"][0, :, 0] == EXACT  # [Hkv, mk]
+    allowed = tiles[:, torch.arange(300) // 16][None, :, None, :]  # [1, Hkv, 1, Nk]
+    dense = exact_attention(q[:, :, -1:], k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                            allowed.repeat_interleave(2, 1), 0.25, False)
+    assert (out - dense).abs().max() < 1e-12
