@@ -428,9 +428,9 @@ def _measure(converted: nn.Module, state: _NaniteState, args: tuple, kwargs: dic
         for site in state.backends[path].sites:
             site.absorb(rec.get(site.site, []))
             sites.append(site)
-    note = _over_budget_note(sites)
-    if note:
-        state.notes.append(note)
+    for note in (_over_budget_note(sites), _computed_note(sites)):
+        if note:
+            state.notes.append(note)
 
 
 # a site whose reads exceed its budget by more than this (relative) gets named in a note
@@ -468,6 +468,22 @@ def _over_budget_note(sites: list) -> str | None:
         f"tiles of {plan.get('tile')}), {plan.get('anchors')} anchor tile(s) and one read per "
         "older tile, whatever the budget; longer inputs, or a smaller window, anchors or "
         "tile, bring the reads down to the budget")
+
+
+def _computed_note(sites: list) -> str | None:
+    """A note when sites compute more than they read (``select="query"``): the budget
+    bounds each query's reads, and the FLOPs in the summary are the larger number."""
+    more = [s for s in sites if s.computed_per_query is not None and s.exact_reads_per_query]
+    if not more:
+        return None
+    exact = sum(s.exact_reads_per_query for s in more)
+    reads = sum(s.reads_per_query for s in more) / exact
+    work = sum(s.computed_per_query for s in more) / exact
+    return (
+        f"{len(more)} site(s) choose their tiles per query (select='query'): each query reads "
+        f"x{reads:.3f} of the original keys, but a query tile scores the union of its queries' "
+        f"tiles, x{work:.3f} of the original attention work (the FLOPs above count it); "
+        "select='row' computes what it reads")
 
 
 def _capture_on_first_call(converted: nn.Module, state: _NaniteState,

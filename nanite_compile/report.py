@@ -30,7 +30,11 @@ class SiteReport:
         plan: the tile parameters the site runs with.
         runtime_path: on the measured input, ``tiled`` or ``exact`` (and why, in ``runtime_reason``).
         reads_per_query, exact_reads_per_query: key reads per query, converted and original.
-        flops_before, flops_after: attention matmul FLOPs on the measured input.
+        computed_per_query: keys scored per query, where more than read: under
+            ``select="query"`` a query tile computes the union of its queries'
+            tiles and masks what each query does not read (None: as read).
+        flops_before, flops_after: attention matmul FLOPs on the measured input
+            (``flops_after`` counts what is computed, not only what is read).
         rel_error: relative L2 error of the site's output against exact attention
             on the measured input.
     """
@@ -49,6 +53,7 @@ class SiteReport:
     runtime_mask: str = ""
     reads_per_query: float | None = None
     exact_reads_per_query: float | None = None
+    computed_per_query: float | None = None
     flops_before: float | None = None
     flops_after: float | None = None
     rel_error: float | None = None
@@ -93,17 +98,22 @@ class SiteReport:
         self.measured_shape = rec.get("q_shape")
         exact = rec.get("exact_reads_per_query")
         reads = rec.get("reads_per_query")
+        computed = rec.get("computed_per_query")
         qs = rec.get("q_shape") or [1, 1, 1, 1]
         nq_total = qs[0] * qs[1] * qs[2]
         dim = qs[3]
         if self.runtime_path == "exact":
-            reads = exact
+            reads = computed = exact
         if exact is not None:
             self.exact_reads_per_query = float(exact)
             self.flops_before = 4.0 * nq_total * dim * float(exact)
         if reads is not None:
             self.reads_per_query = float(reads)
-            self.flops_after = 4.0 * nq_total * dim * float(reads)
+            work = reads
+            if computed is not None and float(computed) > float(reads):
+                self.computed_per_query = float(computed)
+                work = computed
+            self.flops_after = 4.0 * nq_total * dim * float(work)
         if "rel_error" in rec:
             self.rel_error = float(rec["rel_error"])
 
@@ -204,8 +214,8 @@ _STR_FIELDS = {"site", "module_path", "pattern", "mask_kind", "status", "reason"
                "runtime_reason", "runtime_mask"}  # fmt: skip
 _OPT_STR_FIELDS = {"runtime_path"}
 _SHAPE_FIELDS = {"q_shape", "k_shape", "measured_shape"}
-_NUMBER_FIELDS = {"reads_per_query", "exact_reads_per_query", "flops_before", "flops_after",
-                  "rel_error"}  # fmt: skip
+_NUMBER_FIELDS = {"reads_per_query", "exact_reads_per_query", "computed_per_query",
+                  "flops_before", "flops_after", "rel_error"}  # fmt: skip
 
 
 def _is_number(x: Any) -> bool:
@@ -246,18 +256,25 @@ def format_table(rep: RewriteReport) -> str:
     """The report as a text table (tabulate) with a summary line."""
     from tabulate import tabulate
 
+    # a "computed/orig" column only where some site computes more than it reads
+    # (select="query": a query tile scores the union of its queries' tiles)
+    computed = any(s.computed_per_query is not None for s in rep.sites)
     rows = []
     for s in rep.sites:
         ratio = (s.reads_per_query / s.exact_reads_per_query
                  if s.reads_per_query is not None and s.exact_reads_per_query else None)
         why = s.reason if s.status == "skipped" else (
             s.runtime_reason if s.runtime_path == "exact" else "")
-        rows.append([
-            s.module_path or "<root>", s.pattern, s.runtime_mask or s.mask_kind, s.status,
-            s.runtime_path or "", _fmt(ratio, ".3f"), _fmt(s.rel_error, ".2e"), why,
-        ])
-    table = tabulate(rows, headers=["module", "pattern", "mask", "status", "ran", "reads/orig",
-                                    "rel. error", "reason"], tablefmt="simple")
+        row = [s.module_path or "<root>", s.pattern, s.runtime_mask or s.mask_kind, s.status,
+               s.runtime_path or "", _fmt(ratio, ".3f")]
+        if computed:
+            work = s.computed_per_query if s.computed_per_query is not None else s.reads_per_query
+            row.append(_fmt(work / s.exact_reads_per_query
+                            if work is not None and s.exact_reads_per_query else None, ".3f"))
+        rows.append(row + [_fmt(s.rel_error, ".2e"), why])
+    headers = ["module", "pattern", "mask", "status", "ran", "reads/orig"]
+    headers += ["computed/orig"] if computed else []
+    table = tabulate(rows, headers=headers + ["rel. error", "reason"], tablefmt="simple")
     sm = rep.summary()
     ratio = "" if sm["flops_ratio"] is None else f", attention FLOPs x{sm['flops_ratio']:.3f}"
     head = (f"nanite_compile report for {rep.model}: {sm['sites']} attention sites, "

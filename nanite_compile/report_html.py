@@ -241,12 +241,22 @@ def _draw_budget(ax, rep: RewriteReport) -> None:
         tiled = s.status == "rewritten" and s.runtime_path == "tiled"
         colors.append(_POOL_DARK if tiled else (0.65, 0.65, 0.65))
     x = list(range(len(sites)))
+    work = [
+        s.computed_per_query / s.exact_reads_per_query
+        if s.computed_per_query is not None and s.exact_reads_per_query
+        else None
+        for s in sites
+    ]
+    if any(w is not None for w in work):  # select="query": the union a query tile scores
+        ax.bar(x, [w or 0.0 for w in work], color="none", edgecolor=_POOL_DARK, hatch="//",
+               width=0.8, linewidth=0.6, label="computed (union of the queries' tiles)")
     ax.bar(x, ratios, color=colors, width=0.8)
     budget = rep.config.get("budget")
     if isinstance(budget, (int, float)) and not rep.config.get("budget_reads"):
         ax.axhline(
             budget, color=_EXACT_RGB, linestyle="--", linewidth=1.2, label=f"budget {budget:g}"
         )
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("key reads per query / original", fontsize=8)
@@ -474,11 +484,14 @@ def _html(rep: RewriteReport, files: dict, sources: dict, chosen: list) -> str:
         "reads/query",
         "original reads/query",
         "reads/orig",
-        "rel. error",
-        "reason",
     ]
+    computed = any(s.computed_per_query is not None for s in rep.sites)
+    head += ["computed/orig"] if computed else []
+    head += ["rel. error", "reason"]
     rows = []
     for s in rep.sites:
+        work = s.computed_per_query if s.computed_per_query is not None else s.reads_per_query
+        w = work / s.exact_reads_per_query if work is not None and s.exact_reads_per_query else None
         r = (
             s.reads_per_query / s.exact_reads_per_query
             if s.reads_per_query is not None and s.exact_reads_per_query
@@ -500,6 +513,9 @@ def _html(rep: RewriteReport, files: dict, sources: dict, chosen: list) -> str:
                     _cell(s.reads_per_query, ".1f"),
                     _cell(s.exact_reads_per_query, ".1f"),
                     _cell(r, ".3f"),
+                ]
+                + ([_cell(w, ".3f")] if computed else [])
+                + [
                     _cell(s.rel_error, ".2e"),
                     _cell(why),
                 ],

@@ -623,7 +623,20 @@ def test_config_select_reaches_the_op():
     for select in ("row", "query"):
         cfg = NaniteConfig(budget=0.3, tile=16, window=2, anchors=1, select=select)
         conv = nanite_compile.convert(model, config=cfg)
-        assert {s.plan["select"] for s in nanite_compile.report(conv).sites} == {select}
+        rep = nanite_compile.report(conv)
+        assert {s.plan["select"] for s in rep.sites} == {select}
+        # the report counts the work done: under "query" the union each row computes
+        for s in rep.sites:
+            work = s.reads_per_query if select == "row" else s.computed_per_query
+            assert (s.computed_per_query is None) == (select == "row")
+            assert s.flops_after == pytest.approx(s.flops_before * work / s.exact_reads_per_query)
+        assert ("computed/orig" in str(rep)) == (select == "query")
+        assert any("select='query'" in n for n in rep.notes) == (select == "query")
+        if select == "query":
+            assert all(s.computed_per_query > s.reads_per_query for s in rep.sites)
+            again = RewriteReport.from_json(rep.to_json())
+            assert [s.computed_per_query for s in again.sites] == [
+                s.computed_per_query for s in rep.sites]
         with recording() as rec, torch.no_grad():
             outs[select] = conv(x).logits
         recs = [r for rs in rec.values() for r in rs]

@@ -209,6 +209,30 @@ def test_given_levels_state_and_no_levels(tmp_path):
         save_report("report", tmp_path / "c")
 
 
+def test_a_per_query_selection_shows_what_it_computes(tmp_path):
+    """Under select="query" a site reads less than it computes (the union of its queries'
+    tiles): the sites table gets a computed/orig column and the budget picture draws
+    the computed share as an outline above the reads bar; a report without such a site
+    has neither."""
+    plan = {"tile": 4, "window": 1, "anchors": 0, "horizon": None, "budget": 0.25,
+            "budget_reads": None, "state_features": 0, "select": "query"}
+    site = SiteReport(site="attn", module_path="attn", pattern="sdpa", mask_kind="causal",
+                      q_shape=None, k_shape=None, status="rewritten", plan=plan,
+                      runtime_path="tiled", reads_per_query=2.5, exact_reads_per_query=10.0,
+                      computed_per_query=6.0)
+    rep = RewriteReport(model="Toy", config={"budget": 0.25}, sites=[site])
+    doc = Page(save_report(rep, tmp_path / "q", levels=False).read_text())
+    assert doc.tables["sites"][0][5:9] == ["2.5", "10.0", "0.250", "0.600"]
+    _, with_outline = colours(tmp_path / "q" / "budget.png")
+    row = SiteReport.from_dict({**site.to_dict(), "computed_per_query": None})
+    rep = RewriteReport(model="Toy", config={"budget": 0.25}, sites=[row])
+    doc = Page(save_report(rep, tmp_path / "r", levels=False).read_text())
+    assert len(doc.tables["sites"][0]) == len(Page(
+        (tmp_path / "q" / "report.html").read_text()).tables["sites"][0]) - 1
+    _, without = colours(tmp_path / "r" / "budget.png")
+    assert len(with_outline - without) > 0  # the hatched outline and its legend
+
+
 def test_matplotlib_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     rep = RewriteReport(model="Toy", config={}, sites=[])
