@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .levels import EXACT, NONE, STATE
-from .reference import _check_query_keep, _entry_index, _log_features, _pyramid, tile_layout, untile
+from .reference import _check_query_keep, _log_features, tile_layout, untile
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -106,6 +106,43 @@ def _take_rows(bank: torch.Tensor, idx: torch.Tensor, slot: int) -> torch.Tensor
     return out.reshape(b, h, -1, d)
 
 
+def _tile_banks(kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor, tile: int, top: int,
+                masked: bool) -> dict:
+    """Keys and values of every tile at pool levels ``0 .. top``, one bank row per tile.
+
+    Level ``l`` holds each tile's means of ``2**l`` consecutive keys (padding keys left
+    out), ``T >> l`` of them per tile: ``bank_k [B, Hkv, mk, (T >> l) * D]``, the same for
+    values, and their log counts ``[B, mk, T >> l]`` (-inf for a group with no valid key).
+    Level 0 is the keys themselves (zeroed where padding when ``masked``, so a masked key
+    whose value is not finite cannot reach the sum through a zero weight). Each level
+    halves the one before (the work is about 2N whatever ``top``).
+    """
+    b, h, n, d = kc.shape
+    dv = vc.shape[-1]
+    mk = n // tile
+    w = valid.to(kc.dtype)
+    ks, vs, cnt = kc, vc, w
+    if masked:
+        ks, vs = kc * w[:, None, :, None], vc * w[:, None, :, None]
+    banks = {}
+    for lvl in range(top + 1):
+        if lvl:
+            m = n >> lvl
+            ks = ks.reshape(b, h, m, 2, d).sum(3)
+            vs = vs.reshape(b, h, m, 2, dv).sum(3)
+            cnt = cnt.reshape(b, m, 2).sum(-1)
+        logc = torch.where(cnt > 0, cnt.clamp_min(1.0).log(), torch.full_like(cnt, -math.inf))
+        if lvl:
+            den = cnt.clamp_min(1.0)[:, None, :, None]
+            km, vm = ks / den, vs / den
+        else:
+            km, vm = ks, vs
+        g = tile >> lvl
+        banks[lvl] = (km.reshape(b, h, mk, g * d), vm.reshape(b, h, mk, g * dv),
+                      logc.reshape(b, mk, g))
+    return banks
+
+
 def tiled_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -166,79 +203,94 @@ def tiled_attention_cpu(
         parts_o.append(od)
         parts_l.append(ld)
 
-    has_rest = bool((rest >= 0).any())
-    if has_rest:
-        bank_k, bank_v, bank_lc, _, offs = _pyramid(kc, vc, valid, T)
-        idx, ok = _entry_index(rest, offs, T)  # [B,Hkv,mq,P]
-        # a row's valid entries are a prefix of its list, padded to the longest row; rows
-        # are processed in chunks trimmed to their own longest row, so the early rows (which
-        # see few tiles) do not pay for the longest row's padding
-        n_ok = ok.sum(-1).amax(dim=(0, 1))  # [mq] longest list per row over batch and heads
-        o_r = torch.empty(b, hkv, mq, G * T, dv, dtype=cd, device=q.device)
-        l_r = torch.empty(b, hkv, mq, G * T, dtype=cd, device=q.device)
+    present = [lvl for lvl in range(int(rest.max()) + 1) if bool((rest == lvl).any())] \
+        if bool((rest >= 0).any()) else []
+    if present:
+        banks = _tile_banks(kc, vc, valid, T, present[-1], key_valid is not None)
+        # one list of tile indices per level and row (its tiles in order, padded): every
+        # entry of a tile is gathered as one block (a tile at level l is T >> l rows of the
+        # bank, contiguous), so the index work is per tile, not per key
+        lists = []
+        for lvl in present:
+            m = rest == lvl
+            cnt = m.sum(-1)  # [B,Hkv,mq]
+            order = torch.sort((~m).to(torch.int8), dim=-1, stable=True).indices
+            lists.append((lvl, order, cnt, cnt.amax(dim=(0, 1))))  # longest list per row
+        # rows are processed in chunks: each level's lists trimmed to the chunk's longest,
+        # and as many rows as fit the scratch bound, so the early rows (which see few
+        # tiles) do not pay for the longest row's padding
         per_entry = b * hkv * ((d + dv + 1) * cd.itemsize * 2 + G * T * 8)
         max_entries = max(1, int(chunk_bytes // per_entry))  # rows x entries per chunk
         qr = qc.reshape(b, hkv, mq, G * T, d)
-        lc_all = bank_lc[:, None, :].expand(b, hkv, -1)
+        parts = {lvl: (torch.empty(b, hkv, mq, G * T, dv, dtype=cd, device=q.device),
+                       torch.empty(b, hkv, mq, G * T, dtype=cd, device=q.device))
+                 for lvl in present}
+        bidx = torch.arange(b, device=q.device).reshape(b, 1, 1, 1)
         c0 = 0
         while c0 < mq:
-            # the longest chunk from c0 whose rows x (its longest row) fits the scratch bound
-            run_max = n_ok[c0:].cummax(0).values
-            cost = run_max * torch.arange(1, mq - c0 + 1, device=q.device)
+            run_max = [n_l[c0:].cummax(0).values for _, _, _, n_l in lists]
+            width = sum(r * (T >> lvl) for r, lvl in zip(run_max, present, strict=True))
+            cost = width * torch.arange(1, mq - c0 + 1, device=q.device)
             n_c = max(1, int((cost <= max_entries).sum()))
             c1 = c0 + n_c
-            P = int(run_max[n_c - 1])
-            if P == 0:  # no row of the chunk reads anything but its own tile
-                o_r[:, :, c0:c1] = 0.0
-                l_r[:, :, c0:c1] = -math.inf
-                c0 = c1
-                continue
-            ii = idx[:, :, c0:c1, :P].reshape(b, hkv, -1)
-            kg = _take_rows(bank_k, ii, 0)
-            vg = _take_rows(bank_v, ii, 1)
-            bias = torch.where(ok[:, :, c0:c1, :P].reshape(b, hkv, -1), lc_all.gather(2, ii),
-                               -math.inf)
             rows = b * hkv * n_c
-            if query_keep is None:
-                # the G query heads stacked into one block of G*T queries, one bias row
-                o, lse = _flash(
-                    qr[:, :, c0:c1].reshape(rows, 1, G * T, d),
-                    kg.reshape(rows, 1, P, d),
-                    vg.reshape(rows, 1, P, dv),
-                    0.0, False,
-                    attn_mask=bias.reshape(rows, 1, 1, P),
-                    scale=scale,
-                )
-                empty = ~(bias > -math.inf).reshape(b, hkv, n_c, 1, P).any(-1)  # [B,Hkv,n_c,1]
-            else:
-                # a bias per query, shared by the G heads of its position: the heads are the
-                # kernel's head axis over K/V expanded without a copy (stacking them instead
-                # needs a G-times larger bias: 1.6x the time)
-                et = (ii.reshape(b, hkv, n_c, 1, P) // T).expand(-1, -1, -1, T, -1)
-                sel = query_keep[:, :, c0:c1].gather(-1, et)  # [B,Hkv,n_c,T,P]
-                bias = bias.reshape(b, hkv, n_c, 1, P).expand(-1, -1, -1, T, -1)
-                bias = bias.masked_fill(~sel, -math.inf)  # level-0 entries only (checked)
-                o, lse = _flash(
-                    qr[:, :, c0:c1].reshape(rows, G, T, d),
-                    kg.reshape(rows, 1, P, d).expand(rows, G, P, d),
-                    vg.reshape(rows, 1, P, dv).expand(rows, G, P, dv),
-                    0.0, False,
-                    attn_mask=bias.reshape(rows, 1, T, P),
-                    scale=scale,
-                )
-                empty = ~(bias > -math.inf).any(-1)[:, :, :, None, :].expand(
-                    b, hkv, n_c, G, T).reshape(b, hkv, n_c, G * T)
-            o = o.reshape(b, hkv, n_c, G * T, dv)
-            lse = lse.reshape(b, hkv, n_c, G * T)
-            if bool(empty.any()):  # nothing to attend to: weight 0 (the kernel's output is 0/0)
-                empty = empty.expand(b, hkv, n_c, G * T)
-                lse = lse.masked_fill(empty, -math.inf)
-                o = o.masked_fill(empty[..., None], 0.0)
-            o_r[:, :, c0:c1] = o
-            l_r[:, :, c0:c1] = lse
+            for (lvl, order, cnt, _), r in zip(lists, run_max, strict=True):
+                o_p, l_p = parts[lvl]
+                E = int(r[n_c - 1])
+                if E == 0:  # no row of the chunk reads a tile at this level
+                    o_p[:, :, c0:c1] = 0.0
+                    l_p[:, :, c0:c1] = -math.inf
+                    continue
+                bk, bv, blc = banks[lvl]
+                w = T >> lvl  # entries per tile at this level
+                P = E * w
+                tl = order[:, :, c0:c1, :E]  # [B,Hkv,n_c,E]
+                has = torch.arange(E, device=q.device) < cnt[:, :, c0:c1, None]
+                kg = _take_rows(bk, tl.reshape(b, hkv, -1), 0)
+                vg = _take_rows(bv, tl.reshape(b, hkv, -1), 1)
+                # log count of each entry (-inf for padding keys and for list padding)
+                bias = blc[bidx, tl].masked_fill_(~has[..., None], -math.inf)  # [..,E,w]
+                if query_keep is None:
+                    o, lse = _flash(
+                        qr[:, :, c0:c1].reshape(rows, 1, G * T, d),
+                        kg.reshape(rows, 1, P, d),
+                        vg.reshape(rows, 1, P, dv),
+                        0.0, False,
+                        attn_mask=bias.reshape(rows, 1, 1, P),
+                        scale=scale,
+                    )
+                    empty = ~(bias > -math.inf).reshape(b, hkv, n_c, 1, P).any(-1)
+                else:
+                    # a bias per query, shared by the G heads of its position: the heads are
+                    # the kernel's head axis over K/V expanded without a copy (stacking them
+                    # instead needs a G-times larger bias: 1.6x the time)
+                    sel = query_keep[:, :, c0:c1].gather(
+                        -1, tl[:, :, :, None, :].expand(-1, -1, -1, T, -1))  # [B,Hkv,n_c,T,E]
+                    bias = bias[:, :, :, None].expand(-1, -1, -1, T, -1, -1).masked_fill(
+                        ~sel[..., None], -math.inf)  # level-0 entries only (checked)
+                    o, lse = _flash(
+                        qr[:, :, c0:c1].reshape(rows, G, T, d),
+                        kg.reshape(rows, 1, P, d).expand(rows, G, P, d),
+                        vg.reshape(rows, 1, P, dv).expand(rows, G, P, dv),
+                        0.0, False,
+                        attn_mask=bias.reshape(rows, 1, T, P),
+                        scale=scale,
+                    )
+                    empty = ~(bias > -math.inf).reshape(b, hkv, n_c, T, P).any(-1)
+                    empty = empty[:, :, :, None, :].expand(b, hkv, n_c, G, T).reshape(
+                        b, hkv, n_c, G * T)
+                o = o.reshape(b, hkv, n_c, G * T, dv)
+                lse = lse.reshape(b, hkv, n_c, G * T)
+                if bool(empty.any()):  # nothing to attend to: weight 0 (the kernel gives 0/0)
+                    empty = empty.expand(b, hkv, n_c, G * T)
+                    lse = lse.masked_fill(empty, -math.inf)
+                    o = o.masked_fill(empty[..., None], 0.0)
+                o_p[:, :, c0:c1] = o
+                l_p[:, :, c0:c1] = lse
             c0 = c1
-        parts_o.append(o_r)
-        parts_l.append(l_r)
+        for lvl in present:
+            parts_o.append(parts[lvl][0])
+            parts_l.append(parts[lvl][1])
 
     num_s = den_s = m_s = None
     if bool((lv == STATE).any()):
