@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--ranges", help="token ranges 'a:b,c:d' (default [0,2k),[2k,4k),[4k,8k))")
-    ap.add_argument("--tile", type=int, default=None, help="tile size (default: NaniteConfig's)")
+    ap.add_argument("--tile", type=int, default=None,
+                    help="tile size (default: what NaniteConfig picks for the model's heads)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write every result here (after each run)")
     args = ap.parse_args(argv)
@@ -165,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.calibration_text == args.text and "nanite-cal" in args.methods:
         ap.error("--calibration-text must differ from --text (calibrate on a different text)")
-    tile = args.tile or NaniteConfig().tile
 
     def text_of(name: str) -> str:
         if name == "gpl3":
@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     if "nanite-cal" in args.methods:
         calib = data.token_ids(tok, text_of(args.calibration_text), args.calibration_tokens)
     ranges = parse_ranges(args.ranges, args.tokens) if args.ranges else default_ranges(args.tokens)
+    # the tile a conversion picks for this model's heads (32 for SmolLM2's 9 / 3), shared
+    # by the baselines so that every method reads whole tiles of the same size
+    mc = model.config
+    tile = NaniteConfig(tile=args.tile).tiling(
+        mc.num_attention_heads, getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads)[0]
     meta = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
         "text": args.text, "tokens": args.tokens, "offset": args.offset,

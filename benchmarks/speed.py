@@ -157,11 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     defaults = NaniteConfig()
     ap.add_argument("--tile", type=int, default=defaults.tile,
-                    help=f"tile size (default: NaniteConfig's, {defaults.tile})")
+                    help="tile size (default: what NaniteConfig picks for these heads: 32 "
+                         "with 3 or more query heads per KV head, else 64)")
     ap.add_argument("--window", type=int, default=defaults.window,
-                    help=f"near field in tiles (default {defaults.window})")
+                    help="near field in tiles (default: 128 tokens, or 4 tiles of a set --tile)")
     ap.add_argument("--anchors", type=int, default=defaults.anchors,
-                    help=f"anchor tiles (default {defaults.anchors})")
+                    help="anchor tiles (default: 64 tokens, or 2 tiles of a set --tile)")
     ap.add_argument("--max-level", type=int, default=defaults.max_level,
                     help=f"coarsest pooled level (default {defaults.max_level}; -1: every level)")
     ap.add_argument("--select", choices=SELECTS, default=defaults.select,
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="after the table, profile one tiled call per budget at the longest N: "
                          "time per stage (nanite.* ranges) and the top operators")
     args = ap.parse_args(argv)
+    # the tiling a conversion would pick for these head counts (NaniteConfig.tiling)
+    args.tile, args.window, args.anchors = NaniteConfig(
+        tile=args.tile, window=args.window, anchors=args.anchors).tiling(args.heads, args.kv_heads)
     from tabulate import tabulate
 
     dev = args.device

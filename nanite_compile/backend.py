@@ -80,9 +80,11 @@ class NaniteBackend:
         return compiled
 
     def context(self) -> PassContext:
-        """A pass context carrying this backend's configuration and plans."""
+        """A pass context carrying this backend's configuration, plans and (a copy of) its
+        site records, whose head counts decide a site's tile where the config leaves it
+        None (`site_params`)."""
         return PassContext(self.config, site_prefix=self.site_prefix, plans=self.plans,
-                           site_tag=self.site_tag)
+                           sites=list(self.sites), site_tag=self.site_tag)
 
     def rewritten_sites(self) -> list:
         return [s for s in self.sites if s.status == "rewritten"]

@@ -58,6 +58,17 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+# the tiling `NaniteConfig.tiling` chooses when tile / window / anchors are None
+AUTO_TILE = 32  # sites with at least AUTO_MIN_GROUP query heads per KV head
+AUTO_TILE_FEW_HEADS = 64  # the others (MHA: one query head per KV head)
+AUTO_MIN_GROUP = 3
+AUTO_NEAR_TOKENS = 128
+AUTO_ANCHOR_TOKENS = 64
+# near field and anchors (in tiles) when the tile is set and they are not
+DEFAULT_WINDOW_TILES = 4
+DEFAULT_ANCHOR_TILES = 2
+
+
 @dataclass(frozen=True)
 class NaniteConfig:
     """How attention is tiled and how much of it is kept.
@@ -68,9 +79,17 @@ class NaniteConfig:
         budget_reads: if set, an absolute number of key reads per query instead
             of the fraction (near field + anchors + summaries + state width);
             the cost then grows linearly in the sequence length.
-        tile: tile size ``T`` in tokens, a power of two.
-        window: near field ``w`` in tiles, the query's own tile included; always EXACT.
+        tile: tile size ``T`` in tokens, a power of two. None (the default):
+            chosen per site from its query heads per KV head ``G`` (`tiling`):
+            32 when ``G >= 3``, else 64, so that a block of ``G*T`` stacked
+            queries is at least 64 long (with one query head per KV head, tile
+            32 made the CPU op slower than SDPA at budget 0.25).
+        window: near field ``w`` in tiles, the query's own tile included; always
+            EXACT. None: 4 tiles; where the tile is chosen per site, 128 tokens'
+            worth (4 tiles of 32, 2 of 64).
         anchors: number of leading "attention sink" tiles ``a``, always EXACT.
+            None: 2 tiles; where the tile is chosen per site, 64 tokens' worth
+            (2 tiles of 32, 1 of 64).
         horizon: most tiles (beyond near field and anchors) a query sees at a
             POOL/EXACT level; older tiles go to the recurrent STATE. ``None``
             lets the budget decide.
@@ -115,15 +134,18 @@ class NaniteConfig:
 
     budget: float = 0.25
     budget_reads: int | None = None
-    # tile 32 with a near field of 4 tiles and 2 anchor tiles (the same 128 / 64 tokens
-    # as tile 64 with 2 and 1): the level table gets a row per 32 queries, estimated from
-    # the 32 before it. SmolLM2, 8192 tokens of Hamlet, [4k, 8k) perplexity against the
-    # original: budget 0.25 x1.056 (tile 64: x1.075; sinks + window: x1.065), budget 0.1
-    # x1.210 (x1.220); the CPU op takes about 1.5x tile 64's time (benchmarks/speed.py
-    # --tile 64 --window 2 --anchors 1 for the faster setting)
-    tile: int = 32
-    window: int = 4
-    anchors: int = 2
+    # None: `tiling` picks them per site. Tile 32 with a near field of 4 tiles and 2
+    # anchor tiles (the same 128 / 64 tokens as tile 64 with 2 and 1): the level table gets
+    # a row per 32 queries, estimated from the 32 before it. SmolLM2 (3 query heads per KV
+    # head), 8192 tokens of Hamlet, [4k, 8k) perplexity against the original: budget 0.25
+    # x1.051 (tile 64: x1.074; sinks + window: x1.071), budget 0.1 x1.198 (x1.214); the
+    # CPU op takes 1.3-1.7x tile 64's time there. With 1 or 2 query heads per KV head the
+    # flash blocks of G*T queries are short and the gathered K/V serve fewer heads: at
+    # tile 32 the op was slower than SDPA at budget 0.25 (8 / 8 heads, 8k-32k: x0.71-0.82),
+    # at tile 64 faster (x1.18-1.48), so such sites get tile 64 (benchmarks/speed.py)
+    tile: int | None = None
+    window: int | None = None
+    anchors: int | None = None
     horizon: int | None = None
     state_features: int = 64
     sharpness: float = DEFAULT_SHARPNESS
@@ -141,11 +163,12 @@ class NaniteConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", check_budget(self.budget))
         _check_int("budget_reads", self.budget_reads, 1, allow_none=True)
-        _check_int("tile", self.tile, 2)
-        if self.tile & (self.tile - 1):
-            raise ValueError(f"tile must be a power of two (e.g. 32, 64, 128), got {self.tile}")
-        _check_int("window", self.window, 1)
-        _check_int("anchors", self.anchors, 0)
+        _check_int("tile", self.tile, 2, allow_none=True)
+        if self.tile is not None and self.tile & (self.tile - 1):
+            raise ValueError(f"tile must be a power of two (e.g. 32, 64, 128) or None "
+                             f"(chosen per site), got {self.tile}")
+        _check_int("window", self.window, 1, allow_none=True)
+        _check_int("anchors", self.anchors, 0, allow_none=True)
         _check_int("horizon", self.horizon, 0, allow_none=True)
         _check_int("state_features", self.state_features, 0)
         _check_int("max_level", self.max_level, 0, allow_none=True)
@@ -175,6 +198,29 @@ class NaniteConfig:
             raise ValueError(f"inner must be one of {_INNER}, got {self.inner!r}")
         if self.extra:
             raise TypeError(f"unknown NaniteConfig options: {sorted(self.extra)}")
+
+    def tiling(self, q_heads: int | None = None, kv_heads: int | None = None
+               ) -> tuple[int, int, int]:
+        """``(tile, window, anchors)`` for a site with these head counts.
+
+        Values set in the config are kept; None ones are chosen: the tile from the
+        query heads per KV head (32 with 3 or more, else 64; 32 when the counts are
+        unknown or symbolic), then the near field as 128 tokens and the anchors as 64
+        tokens of that tile; with a tile set, 4 and 2 tiles.
+        """
+        tile = self.tile
+        if tile is None:
+            g = None
+            if isinstance(q_heads, int) and isinstance(kv_heads, int) and kv_heads > 0:
+                g = q_heads // kv_heads
+            tile = AUTO_TILE if g is None or g >= AUTO_MIN_GROUP else AUTO_TILE_FEW_HEADS
+            near = max(1, AUTO_NEAR_TOKENS // tile)
+            anch = max(1, AUTO_ANCHOR_TOKENS // tile)
+        else:  # a tile the user chose: the near field and anchors counted in its tiles
+            near, anch = DEFAULT_WINDOW_TILES, DEFAULT_ANCHOR_TILES
+        window = self.window if self.window is not None else near
+        anchors = self.anchors if self.anchors is not None else anch
+        return tile, window, anchors
 
     @classmethod
     def from_options(cls, options: dict | None = None, **overrides: Any) -> NaniteConfig:

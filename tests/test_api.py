@@ -587,6 +587,72 @@ def test_import_does_not_import_triton():
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+@pytest.mark.parametrize("q_heads, kv_heads, want", [
+    (9, 3, (32, 4, 2)),  # SmolLM2: 3 query heads per KV head
+    (8, 1, (32, 4, 2)),
+    (8, 4, (64, 2, 1)),  # 2 per KV head
+    (8, 8, (64, 2, 1)),  # MHA
+    (None, 8, (32, 4, 2)),  # unknown or symbolic counts: tile 32
+    ("s0", 8, (32, 4, 2)),
+])
+def test_default_tiling_follows_the_heads(q_heads, kv_heads, want):
+    """Left None, the tile is chosen from the query heads per KV head (short flash blocks
+    and unshared gathers made tile 32 slower than SDPA for MHA) and the near field and
+    anchors keep 128 / 64 tokens; whatever the config sets is kept, and a set tile counts
+    the near field and anchors in its own tiles (4 and 2, as before)."""
+    assert NaniteConfig().tiling(q_heads, kv_heads) == want
+    assert NaniteConfig(tile=16).tiling(q_heads, kv_heads) == (16, 4, 2)
+    assert NaniteConfig(window=3).tiling(q_heads, kv_heads) == (want[0], 3, want[2])
+    assert NaniteConfig(anchors=0).tiling(q_heads, kv_heads)[2] == 0
+    with pytest.raises(ValueError, match="power of two"):
+        NaniteConfig(tile=48)
+
+
+def test_site_params_read_heads_from_4d_and_3d_shapes():
+    """The rewrite reads the head counts from the matched q/k shapes: ``[B, H, N, D]``, or
+    the ``[B*H, N, D]`` of 3-D bmm forms (their ratio is still the heads per KV head); a
+    symbolic size gives tile 32; a saved per-site plan wins over the choice."""
+    from nanite_compile.passes.base import PassContext
+    from nanite_compile.passes.rewrite import site_params
+
+    ctx = PassContext(NaniteConfig())
+    assert site_params(ctx, "a", [1, 8, 100, 64], [1, 8, 100, 64]).tile == 64
+    assert site_params(ctx, "a", [1, 9, 100, 64], [1, 3, 100, 64]).tile == 32
+    assert site_params(ctx, "a", [16, 100, 64], [16, 100, 64]).tile == 64
+    assert site_params(ctx, "a", [1, "s0", 100, 64], [1, 8, 100, 64]).tile == 32
+    ctx = PassContext(NaniteConfig(), plans={"a": {"tile": 16}})
+    p = site_params(ctx, "a", [1, 8, 100, 64], [1, 8, 100, 64])
+    assert (p.tile, p.window, p.anchors) == (16, 2, 1)  # the plan's tile, the site's counts
+
+
+@pytest.mark.parametrize("heads, kv_heads, want", [(6, 2, 32), (4, 2, 64), (4, 4, 64)])
+def test_conversion_picks_each_sites_tile_from_its_heads(heads, kv_heads, want):
+    """convert() with the default config: every site's plan (the report's, and the one the
+    op runs: the recorded level table has N / tile columns) has the tile its head counts
+    call for; a saved config round-trips the None."""
+    model = _tiny_llama(vocab=VOCAB, hidden=48, heads=heads, kv_heads=kv_heads, max_pos=1024)
+    conv = nanite_compile.convert(model, budget=0.25)
+    rep = nanite_compile.report(conv)
+    assert rep.sites and all(
+        (s.plan["tile"], s.plan["window"], s.plan["anchors"]) == (want, 128 // want, 64 // want)
+        for s in rep.sites)
+    x = torch.randint(0, VOCAB, (1, 384), generator=torch.Generator().manual_seed(0))
+    with recording(levels=True) as rec, torch.no_grad():
+        conv(x)
+    tables = [r["levels"] for rs in rec.values() for r in rs]
+    assert tables and all(t.shape[-1] == 384 // want for t in tables)
+    assert NaniteConfig.from_json(NaniteConfig().to_json()).tile is None
+    # the cost model's plans and a saved conversion keep the site's tile
+    cfg = NaniteConfig(budget=0.3, plan_check=False)
+    long = torch.randint(0, VOCAB, (1, 768), generator=torch.Generator().manual_seed(1))
+    cal = nanite_compile.convert(model, config=cfg, calibration=[long[:, :512]])
+    assert {s.plan["tile"] for s in nanite_compile.report(cal).sites} == {want}
+    with recording(levels=True) as rec, torch.no_grad():
+        cal(long)
+    tables = [r["levels"] for rs in rec.values() for r in rs if "levels" in r]
+    assert tables and all(t.shape[-1] == 768 // want for t in tables)
+
+
 def test_config_max_level_reaches_the_level_table():
     """NaniteConfig.max_level is carried into every rewritten call and the report's plan:
     no kept tile of a recorded level table is pooled coarser than it; None lets the rule

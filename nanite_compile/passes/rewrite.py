@@ -57,13 +57,22 @@ def check_chain(m: AttentionMatch, g: nx.DiGraph) -> str | None:
     return None
 
 
-def site_params(ctx: PassContext, site: str) -> TileParams:
+def site_params(ctx: PassContext, site: str, q_shape=None, k_shape=None) -> TileParams:
+    """The plan a site runs with: the context's overrides for it, else the config, with
+    tile, near field and anchors chosen from the site's head counts where the config
+    leaves them None (`NaniteConfig.tiling`; the shapes are the site's report entry's
+    when not given)."""
     cfg = ctx.config
     over = ctx.plans.get(site, {})
+    if q_shape is None or k_shape is None:
+        rec = next((r for r in ctx.sites if r.site == site), None)
+        if rec is not None:
+            q_shape, k_shape = rec.q_shape, rec.k_shape
+    tile, window, anchors = cfg.tiling(_heads(q_shape), _heads(k_shape))
     return TileParams(
-        tile=over.get("tile", cfg.tile),
-        window=over.get("window", cfg.window),
-        anchors=over.get("anchors", cfg.anchors),
+        tile=over.get("tile", tile),
+        window=over.get("window", window),
+        anchors=over.get("anchors", anchors),
         horizon=over.get("horizon", cfg.horizon),
         budget=over.get("budget", cfg.budget),
         budget_reads=over.get("budget_reads", cfg.budget_reads),
@@ -72,6 +81,16 @@ def site_params(ctx: PassContext, site: str) -> TileParams:
         max_level=over.get("max_level", cfg.max_level),
         select=over.get("select", cfg.select),
     )
+
+
+def _heads(shape) -> int | None:
+    """The head count of a ``[B, H, N, D]`` shape, or ``B*H`` of a 3-D ``[B*H, N, D]`` one
+    (the ratio of two such is still the query heads per KV head); None if unknown or
+    symbolic."""
+    if shape is None or len(shape) not in (3, 4):
+        return None
+    h = shape[1] if len(shape) == 4 else shape[0]
+    return h if isinstance(h, int) else None
 
 
 def _shape_list(shape) -> list | None:
@@ -100,8 +119,8 @@ def rewrite_matches(gm: fx.GraphModule, matches: list[AttentionMatch], ctx: Pass
         site = path or "<root>"
         if len(same) > 1:
             site = f"{site}[{same.index(m)}]"
-        params = site_params(ctx, site)
         q_shape, k_shape = node_shape(m.q), node_shape(m.k)
+        params = site_params(ctx, site, _shape_list(q_shape), _shape_list(k_shape))
         rec = SiteReport(
             site=site,
             module_path=path,
