@@ -40,6 +40,8 @@ _CONFIG_OPTIONS = [
     ("max_level", int, "coarsest pooled level a kept tile is read at (default 1: pairs)"),
     ("select", str, "how a query's tiles are chosen: row (one table row per query tile, "
                     "the default) or query (each query its own exact tiles)"),
+    ("row_tiles", int, "query tiles per level table row: 1, or 2 (a pair of tiles shares "
+                       "one choice; faster, a little worse)"),
     ("max_error", float, "with --calibration: keep a site exact if its error stays above this"),
     ("plan_check", bool, "with --calibration: keep the cost model's plan only if the calibration "
                          "text's loss is no worse than with the uniform budget"),
@@ -434,6 +436,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             kw["choices"] = IMPLS
         if name == "select":
             kw["choices"] = SELECTS
+        if name == "row_tiles":
+            kw["choices"] = (1, 2)
         g.add_argument(flag, **kw)
 
 

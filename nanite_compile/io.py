@@ -385,9 +385,10 @@ def read_saved(directory: str | os.PathLike) -> SavedNanite:
     # a save from before max_level existed ran every pooled level: its config and its
     # plans say so explicitly from here on (the same outputs, and the plans the sites get
     # compare equal to the saved ones)
-    # (and one from before select existed chose per query tile)
-    options = {"max_level": None, "select": "row", **header["config"]}
-    plans = {site: {"max_level": None, "select": "row", **plan} if isinstance(plan, dict) else plan
+    # (and one from before select / row_tiles existed chose per query tile)
+    old = {"max_level": None, "select": "row", "row_tiles": 1}
+    options = {**old, **header["config"]}
+    plans = {site: {**old, **plan} if isinstance(plan, dict) else plan
              for site, plan in header["plans"].items()}
     try:
         config = NaniteConfig.from_options(options)

@@ -716,6 +716,39 @@ def test_config_select_reaches_the_op():
         NaniteConfig(select="token")
 
 
+def test_config_row_tiles_reaches_the_op():
+    """NaniteConfig(row_tiles=2): every site's plan says so, each pair of query tiles reads
+    the same entries before the pair (the recorded tables), within the budget, with no
+    output depending on a later token, and the outputs differ from rows of one tile."""
+    model = _tiny_llama(vocab=VOCAB, hidden=48, heads=6, kv_heads=2, max_pos=1024)
+    x = torch.randint(0, VOCAB, (1, 700), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for rt in (1, 2):
+        cfg = NaniteConfig(budget=0.3, tile=16, window=2, anchors=1, row_tiles=rt)
+        conv = nanite_compile.convert(model, config=cfg)
+        assert {s.plan["row_tiles"] for s in nanite_compile.report(conv).sites} == {rt}
+        with recording(levels=True) as rec, torch.no_grad():
+            outs[rt] = conv(x).logits
+        recs = [r for rs in rec.values() for r in rs]
+        assert recs and all(r["path"] == "tiled" for r in recs)
+        for r in recs:
+            assert r["reads_per_query"] <= 0.3 * r["exact_reads_per_query"] * 1.02 + 16
+            lv = r["levels"]  # [Hkv, mq, mk]
+            m = lv.shape[1] // 2 * 2
+            before = torch.arange(lv.shape[-1])[None, :] < torch.arange(0, m, 2)[:, None]
+            same = ((lv[:, 0:m:2] == lv[:, 1:m:2]) | ~before).all()
+            assert bool(same) == (rt == 2)
+        if rt == 2:
+            changed = x.clone()
+            changed[:, -40:] = (changed[:, -40:] + 5) % VOCAB
+            with torch.no_grad():
+                later = conv(changed).logits
+            torch.testing.assert_close(later[:, :-40], outs[2][:, :-40], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(outs[1], outs[2])
+    with pytest.raises(ValueError, match="row_tiles must be 1"):
+        NaniteConfig(row_tiles=3)
+
+
 def test_config_impl_reaches_the_op(monkeypatch):
     """NaniteConfig.impl is carried into every rewritten call: 'torch' runs PyTorch on the
     CPU; 'triton' on CPU tensors without the interpreter fails with the fix in the message."""

@@ -165,6 +165,15 @@ def test_select_flag():
         parser.parse_args(["convert", "model.gguf", "--select", "token"])
 
 
+def test_row_tiles_flag():
+    """--row-tiles 2 sets NaniteConfig.row_tiles; values other than 1 and 2 are refused."""
+    parser = cli.build_parser()
+    assert cli._config(parser.parse_args(["convert", "m.gguf", "--row-tiles", "2"])).row_tiles == 2
+    assert cli._config(parser.parse_args(["convert", "m.gguf"])).row_tiles == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["convert", "m.gguf", "--row-tiles", "3"])
+
+
 def test_convert_saves_and_reports(converted_dirs):
     rc, out, err, saved, rep = converted_dirs
     assert rc == 0, err

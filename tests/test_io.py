@@ -119,10 +119,10 @@ def test_round_trip_onto_a_reloaded_model_with_learned_tensors(saved, tmp_path):
 
 
 def test_a_save_from_before_max_level_and_select_keeps_what_it_ran(tmp_path):
-    """A save written before the options existed (no max_level nor select in its config
-    nor in its plans; every pooled level was used, one table row per query tile) loads,
-    with max_level None, select "row" and the same outputs, not with today's default
-    nor refused for plans that differ by the new keys."""
+    """A save written before the options existed (no max_level, select nor row_tiles in
+    its config nor in its plans; every pooled level was used, one table row per query
+    tile) loads, with max_level None, select "row", row_tiles 1 and the same outputs,
+    not with today's default nor refused for plans that differ by the new keys."""
     from nanite_compile.io import _plan_hash
 
     model = tiny_llama()
@@ -130,7 +130,7 @@ def test_a_save_from_before_max_level_and_select_keeps_what_it_ran(tmp_path):
                                                                   max_level=None))
     nanite_compile.save(converted, tmp_path, source="tiny-llama")
     header = json.loads((tmp_path / JSON_NAME).read_text())
-    for key in ("max_level", "select"):
+    for key in ("max_level", "select", "row_tiles"):
         del header["config"][key]
         for plan in header["plans"].values():
             del plan[key]
@@ -138,9 +138,10 @@ def test_a_save_from_before_max_level_and_select_keeps_what_it_ran(tmp_path):
     (tmp_path / JSON_NAME).write_text(json.dumps(header))
     loaded = nanite_compile.load(tmp_path, model)
     config = loaded.__dict__["_nanite_state"].config
-    assert config.max_level is None and config.select == "row"
+    assert config.max_level is None and config.select == "row" and config.row_tiles == 1
     plans = {s.site: s.plan for s in nanite_compile.report(loaded).sites}
-    assert plans and all(p["max_level"] is None and p["select"] == "row" for p in plans.values())
+    assert plans and all(p["max_level"] is None and p["select"] == "row" and p["row_tiles"] == 1
+                         for p in plans.values())
     x = ids()
     assert torch.equal(logits(loaded, x), logits(converted, x))
 

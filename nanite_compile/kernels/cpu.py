@@ -143,6 +143,42 @@ def _tile_banks(kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor, tile: i
     return banks
 
 
+def _pair_rows(lv, valid, qc, kc, vc, jq0: int, T: int):
+    """The table and inputs laid out as rows of two query tiles, or None.
+
+    Applies when every pair of query tiles ``(2p, 2p + 1)`` (absolute, even first) reads
+    the same entries before ``2p`` and the second reads tile ``2p`` exactly (as
+    `build_levels` makes them with ``row_tiles=2``; a table without that structure runs
+    one tile a row). An odd count gets a padding query tile at the end (its keys one
+    padding tile, its output dropped). Returns ``(lv, valid, qc, kc, vc)`` with
+    ``mq`` even.
+    """
+    b, hkv, mq, mk = lv.shape
+    if jq0 % 2 or mq < 2:
+        return None
+    if mq % 2:  # a padding partner for the last tile: its table is its partner's
+        lv = F.pad(lv, (0, 1), value=NONE)
+        extra = lv[:, :, -1:].clone()
+        extra[..., mk] = EXACT
+        lv = torch.cat([lv, extra], 2)
+        valid = F.pad(valid, (0, T), value=False)
+        kc = F.pad(kc, (0, 0, 0, T))
+        vc = F.pad(vc, (0, 0, 0, T))
+        qc = F.pad(qc, (0, 0, 0, 0, 0, 0, 0, 1))
+        mq, mk = mq + 1, mk + 1
+    a, z = lv[:, :, 0::2], lv[:, :, 1::2]
+    first = jq0 + 2 * torch.arange(mq // 2, device=lv.device)
+    before = torch.arange(mk, device=lv.device) < first[:, None]  # [mq/2, mk]
+    if not bool(((a == z) | ~before).all()):
+        return None
+    own = z.gather(-1, first.reshape(1, 1, -1, 1).expand(b, hkv, -1, 1))[..., 0]
+    tile_ok = valid.reshape(b, 1, mk, T).any(-1).gather(
+        -1, first.reshape(1, 1, -1).expand(b, 1, -1))  # the first tile has a valid key
+    if not bool(((own == EXACT) | ((own == NONE) & ~tile_ok)).all()):
+        return None
+    return lv, valid, qc, kc, vc
+
+
 def tiled_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -170,38 +206,58 @@ def tiled_attention_cpu(
     lv = levels.to(torch.int64)
     jj = torch.arange(mq, device=q.device)
     diag = (jq0 + jj)[None, None, :, None] == torch.arange(mk, device=q.device)  # [1,1,mq,mk]
+    mq_real = mq
     rest = lv
     parts_o, parts_l = [], []
+    R = 1  # query tiles per executed row
     if causal:
         dl = lv.masked_select(diag.expand_as(lv))
         if not bool(((dl == EXACT) | ((dl == NONE) & (key_valid is not None))).all()):
             raise ValueError("the causal diagonal tile must be EXACT (or all padding)")
-        rest = lv.masked_fill(diag, NONE)
-        # own tile: causal inside the tile, with the tile's padding keys masked. The G query
-        # heads of a KV head are stacked into one block of G*T queries over the tile's T keys
-        # with the causal pattern as a bias (repeating K/V per head instead cost 2x the time)
-        kt = kc.reshape(b, hkv, mk, T, d)[:, :, jq0:]
-        vt = vc.reshape(b, hkv, mk, T, dv)[:, :, jq0:]
-        rows = b * hkv * mq
-        tri = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        paired = _pair_rows(lv, valid, qc, kc, vc, jq0, T) if query_keep is None else None
+        if paired is not None:
+            # two query tiles share one row of the table (rows of 64 queries over key tiles
+            # of 32): they run as one block of 2*G*T queries over the same entries
+            R = 2
+            lv, valid, qc, kc, vc = paired
+            mk, mq = lv.shape[-1], lv.shape[2]
+        nr = mq // R  # executed rows
+        first = jq0 + R * torch.arange(nr, device=q.device)  # each row's first query tile
+        rows_lv = lv[:, :, ::R]
+        # everything a row reads before its own block of R tiles
+        rest = rows_lv.masked_fill(torch.arange(mk, device=q.device) >= first[:, None], NONE)
+        # own block: causal inside its R tiles, with the padding keys masked. The G query
+        # heads of a KV head are stacked into one block of R*G*T queries over the block's
+        # R*T keys with the causal pattern as a bias (repeating K/V per head cost 2x)
+        QB, KB = R * G * T, R * T
+        kt = kc.reshape(b, hkv, mk, T, d)[:, :, jq0:jq0 + mq].reshape(b, hkv, nr, KB, d)
+        vt = vc.reshape(b, hkv, mk, T, dv)[:, :, jq0:jq0 + mq].reshape(b, hkv, nr, KB, dv)
+        rows = b * hkv * nr
+        tri = torch.ones(KB, KB, dtype=torch.bool, device=q.device).tril()
+        # queries in (tile of the row, head, position) order; query r*T + t sees keys <= it
+        tri = tri.reshape(R, 1, T, KB).expand(R, G, T, KB).reshape(QB, KB)
         if key_valid is None:
-            allow = tri.repeat(G, 1)[None, None]  # one pattern for every row
+            allow = tri[None, None]  # one pattern for every row
         else:
-            vt_ok = valid.reshape(b, 1, mk, T)[:, :, jq0:]  # [B,1,mq,T]
-            allow = (tri & vt_ok.expand(b, hkv, mq, T).reshape(-1, 1, 1, T)).repeat(1, 1, G, 1)
+            vt_ok = valid.reshape(b, 1, mk, T)[:, :, jq0:jq0 + mq].reshape(b, 1, nr, KB)
+            allow = tri & vt_ok.expand(b, hkv, nr, KB).reshape(-1, 1, 1, KB)
         bias = torch.zeros(allow.shape, dtype=cd, device=q.device).masked_fill_(~allow, -math.inf)
-        bias = bias.expand(rows, 1, G * T, T)
-        od, ld = _flash(qc.reshape(rows, 1, G * T, d), kt.reshape(rows, 1, T, d),
-                        vt.reshape(rows, 1, T, dv), 0.0, False, attn_mask=bias, scale=scale)
-        ld = ld.reshape(b, hkv, mq, G * T)
-        od = od.reshape(b, hkv, mq, G * T, dv)
+        bias = bias.expand(rows, 1, QB, KB)
+        qr = qc.reshape(b, hkv, nr, QB, d)
+        od, ld = _flash(qr.reshape(rows, 1, QB, d), kt.reshape(rows, 1, KB, d),
+                        vt.reshape(rows, 1, KB, dv), 0.0, False, attn_mask=bias, scale=scale)
+        ld = ld.reshape(b, hkv, nr, QB)
+        od = od.reshape(b, hkv, nr, QB, dv)
         if key_valid is not None:
             # the kernel reports lse 0 for a row with nothing to attend to: make it -inf
-            nothing = ~allow.any(-1).reshape(b, hkv, mq, G * T)
+            nothing = ~allow.any(-1).reshape(b, hkv, nr, QB)
             ld = ld.masked_fill(nothing, -math.inf)
             od = od.masked_fill(nothing[..., None], 0.0)
         parts_o.append(od)
         parts_l.append(ld)
+    else:
+        nr, QB, rows_lv = mq, G * T, lv
+        qr = qc.reshape(b, hkv, nr, QB, d)
 
     present = [lvl for lvl in range(int(rest.max()) + 1) if bool((rest == lvl).any())] \
         if bool((rest >= 0).any()) else []
@@ -219,18 +275,17 @@ def tiled_attention_cpu(
         # rows are processed in chunks: each level's lists trimmed to the chunk's longest,
         # and as many rows as fit the scratch bound, so the early rows (which see few
         # tiles) do not pay for the longest row's padding
-        per_entry = b * hkv * ((d + dv + 1) * cd.itemsize * 2 + G * T * 8)
+        per_entry = b * hkv * ((d + dv + 1) * cd.itemsize * 2 + QB * 8)
         max_entries = max(1, int(chunk_bytes // per_entry))  # rows x entries per chunk
-        qr = qc.reshape(b, hkv, mq, G * T, d)
-        parts = {lvl: (torch.empty(b, hkv, mq, G * T, dv, dtype=cd, device=q.device),
-                       torch.empty(b, hkv, mq, G * T, dtype=cd, device=q.device))
+        parts = {lvl: (torch.empty(b, hkv, nr, QB, dv, dtype=cd, device=q.device),
+                       torch.empty(b, hkv, nr, QB, dtype=cd, device=q.device))
                  for lvl in present}
         bidx = torch.arange(b, device=q.device).reshape(b, 1, 1, 1)
         c0 = 0
-        while c0 < mq:
+        while c0 < nr:
             run_max = [n_l[c0:].cummax(0).values for _, _, _, n_l in lists]
             width = sum(r * (T >> lvl) for r, lvl in zip(run_max, present, strict=True))
-            cost = width * torch.arange(1, mq - c0 + 1, device=q.device)
+            cost = width * torch.arange(1, nr - c0 + 1, device=q.device)
             n_c = max(1, int((cost <= max_entries).sum()))
             c1 = c0 + n_c
             rows = b * hkv * n_c
@@ -252,7 +307,7 @@ def tiled_attention_cpu(
                 bias = blc[bidx, tl].masked_fill_(~has[..., None], -math.inf)  # [..,E,w]
                 if query_keep is None:
                     o, lse = _flash(
-                        qr[:, :, c0:c1].reshape(rows, 1, G * T, d),
+                        qr[:, :, c0:c1].reshape(rows, 1, QB, d),
                         kg.reshape(rows, 1, P, d),
                         vg.reshape(rows, 1, P, dv),
                         0.0, False,
@@ -279,10 +334,10 @@ def tiled_attention_cpu(
                     empty = ~(bias > -math.inf).reshape(b, hkv, n_c, T, P).any(-1)
                     empty = empty[:, :, :, None, :].expand(b, hkv, n_c, G, T).reshape(
                         b, hkv, n_c, G * T)
-                o = o.reshape(b, hkv, n_c, G * T, dv)
-                lse = lse.reshape(b, hkv, n_c, G * T)
+                o = o.reshape(b, hkv, n_c, QB, dv)
+                lse = lse.reshape(b, hkv, n_c, QB)
                 if bool(empty.any()):  # nothing to attend to: weight 0 (the kernel gives 0/0)
-                    empty = empty.expand(b, hkv, n_c, G * T)
+                    empty = empty.expand(b, hkv, n_c, QB)
                     lse = lse.masked_fill(empty, -math.inf)
                     o = o.masked_fill(empty[..., None], 0.0)
                 o_p[:, :, c0:c1] = o
@@ -293,7 +348,7 @@ def tiled_attention_cpu(
             parts_l.append(parts[lvl][1])
 
     num_s = den_s = m_s = None
-    if bool((lv == STATE).any()):
+    if bool((rows_lv == STATE).any()):
         kt = kc.reshape(b, hkv, mk, T, d)
         vt = vc.reshape(b, hkv, mk, T, dv)
         wt = valid.reshape(b, 1, mk, T, 1)
@@ -303,8 +358,8 @@ def tiled_attention_cpu(
         phik = torch.exp(lk - ck)
         s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt)
         z_tile = phik.sum(3)
-        s_row, z_row = _state_rows(lv, s_tile, z_tile)  # [B,Hkv,mq,F,Dv], [B,Hkv,mq,F]
-        lq = _log_features(qc.reshape(b, hkv, mq, G * T, d), feature_proj.to(cd), scale)
+        s_row, z_row = _state_rows(rows_lv, s_tile, z_tile)  # [B,Hkv,nr,F,Dv], [B,Hkv,nr,F]
+        lq = _log_features(qr, feature_proj.to(cd), scale)
         lq = lq + ck.reshape(b, hkv, 1, 1, 1)
         has = (z_row > 0).any(-1)[..., None]  # [B,Hkv,mq,1]
         m_s = torch.where(has, lq.amax(-1), torch.full_like(lq[..., 0], -math.inf))
@@ -317,8 +372,8 @@ def tiled_attention_cpu(
     # unnormalised accumulator divided over [.., G*T, Dv]); rows that see nothing get 0
     logs = list(parts_l) + ([m_s] if m_s is not None else [])
     if not logs:
-        return untile(torch.zeros(b, hkv, mq, G * T, dv, dtype=cd, device=q.device),
-                      b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)
+        return untile(torch.zeros(b, hkv, mq_real, G * T, dv, dtype=cd, device=q.device),
+                      b, h, hkv, G, mq_real, T, dv, qpad_front, nq, q.dtype)
     M = torch.stack(logs).amax(0)
     M = torch.where(torch.isfinite(M), M, 0.0)
     terms = [(o, torch.exp(lse - M)) for o, lse in zip(parts_o, parts_l, strict=True)]
@@ -331,7 +386,9 @@ def tiled_attention_cpu(
     out = terms[0][0] * (terms[0][1] * inv)[..., None]
     for o, a in terms[1:]:
         out.addcmul_(o, (a * inv)[..., None])
-    return untile(out, b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)
+    # rows of R query tiles back to one row per tile, without the padding tile of an odd count
+    out = out.reshape(b, hkv, mq, G * T, dv)[:, :, :mq_real]
+    return untile(out, b, h, hkv, G, mq_real, T, dv, qpad_front, nq, q.dtype)
 
 
 # the name the driver (``reference.tiled_attention(fast=...)``) calls

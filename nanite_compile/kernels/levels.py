@@ -62,10 +62,16 @@ class TileParams:
     # "row": one level table row per query tile (every query of the tile reads it);
     # "query": each query reads its own exact tiles (`build_query_selection`)
     select: str = "row"
+    # query tiles per table row under causality (1 or 2): with 2, the tiles 2p and 2p + 1
+    # share one choice of what lies before 2p (rows of 2T queries over key tiles of T),
+    # which the CPU path runs as one block of 2*G*T queries
+    row_tiles: int = 1
 
     def __post_init__(self) -> None:
         if self.select not in SELECTS:
             raise ValueError(f"select must be one of {SELECTS}, got {self.select!r}")
+        if self.row_tiles not in (1, 2):
+            raise ValueError(f"row_tiles must be 1 or 2, got {self.row_tiles!r}")
 
     @property
     def max_pool(self) -> int:
@@ -518,6 +524,26 @@ def build_levels(
         return levels
     else:
         allow = _allowance(exact_reads, fixed_reads + min_mid, params.budget)
+    ra = _pair_firsts(q_tiles, params, causal, window)
+    if ra is not None:
+        # a pair spends what its two rows were allowed: the first row's own choice gets
+        # (allow_a + allow_b - T) / 2 and the second reads the same plus tile 2p exactly
+        # (its near field anyway); each within the first row's fixed part and exact reads
+        rb = ra + 1
+        share = (allow[..., ra] + allow[..., rb] - T) / 2
+        lo = (fixed_reads + min_mid)[..., ra]
+        # a pair whose share cannot pay the first row's cheapest plan stays two rows (in
+        # every batch row: the table's rows are shared by the batch's layout)
+        ok = (share >= lo).all(0).all(0)  # [pairs]
+        ra, share = ra[ok], share[..., ok]
+        rb = ra + 1
+        allow = allow.clone()
+        allow[..., ra] = torch.minimum(share, exact_reads[..., ra])
+        if importance is not None:
+            # the pair's estimate: the rows of the two tiles before it (both before 2p)
+            importance = importance.clone()
+            prev = (ra - 1).clamp_min(0)
+            importance[:, :, ra] = (importance[:, :, ra] + importance[:, :, prev]) / 2
     rem = allow - fixed_reads  # reads left for middle tiles, [B, 1, mq]
     if bool((rem >= n_mid * T).all()):
         return levels  # the budget covers every tile exactly
@@ -574,7 +600,21 @@ def build_levels(
                          torch.tensor(STATE if use_state else int(math.log2(T)), dtype=torch.int8,
                                       device=dev),
                          levels)
+    if ra is not None and ra.numel():  # a pair's second row reads the first's before 2p
+        before = torch.arange(mk, device=dev)[None, :] < q_tiles[ra][:, None]  # [pairs, mk]
+        levels[:, :, ra + 1] = torch.where(before, levels[:, :, ra], levels[:, :, ra + 1])
     return levels
+
+
+def _pair_firsts(q_tiles: torch.Tensor, params: TileParams, causal: bool,
+                 window: int | None) -> torch.Tensor | None:
+    """Rows that start a pair of query tiles (absolute index even, a next row exists)
+    under ``row_tiles=2``; None when rows are single (or not causal, or windowed)."""
+    if params.row_tiles != 2 or not causal or window is not None or q_tiles.numel() < 2:
+        return None
+    r = torch.arange(q_tiles.numel() - 1, device=q_tiles.device)
+    ra = r[q_tiles[:-1] % 2 == 0]
+    return ra if ra.numel() else None
 
 
 # the sort solver holds about four [B, Hkv, mq, mk, R + 1] fp64/int64 tensors at once;

@@ -110,7 +110,7 @@ def collecting(max_calls: int = 8) -> Iterator[dict]:
 
 def _params(tile, window, anchors, horizon, budget, budget_reads, state_features,
             sharpness: float = DEFAULT_SHARPNESS, max_level: int = -1,
-            select: str = "row") -> TileParams:
+            select: str = "row", row_tiles: int = 1) -> TileParams:
     return TileParams(
         tile=tile,
         window=window,
@@ -122,6 +122,7 @@ def _params(tile, window, anchors, horizon, budget, budget_reads, state_features
         sharpness=sharpness,
         max_level=None if max_level < 0 else max_level,
         select=select,
+        row_tiles=row_tiles,
     )
 
 
@@ -190,6 +191,7 @@ def tiled_attention(
     impl: str = "auto",
     max_level: int = -1,
     select: str = "row",
+    row_tiles: int = 1,
 ) -> torch.Tensor:
     """Tiled attention, DESIGN.md section 1.
 
@@ -215,6 +217,8 @@ def tiled_attention(
             every level, the op's behaviour before the argument existed).
         select: ``"row"`` (one level table row per query tile) or ``"query"``
             (each query reads its own exact tiles, `levels.build_query_selection`).
+        row_tiles: query tiles per level table row under causality (1, or 2: a
+            pair of tiles shares one choice of what lies before it).
 
     Returns:
         ``[B, H, Nq, Dv]`` in q's dtype.
@@ -227,7 +231,7 @@ def tiled_attention(
                                for t in (q, k, v, attn_mask, scale, is_causal)))
         return exact_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
     params = _resolve(site, tile, window, anchors, horizon, budget, budget_reads,
-                      state_features, sharpness, max_level, select)
+                      state_features, sharpness, max_level, select, row_tiles)
     site = site_name(site)
     store = _RECORDER.get()
     stats: dict | None = {} if store is not None else None
@@ -270,7 +274,7 @@ def tiled_attention(
 @tiled_attention.register_fake
 def _(q, k, v, attn_mask, scale, is_causal, tile, window, anchors, horizon, budget,
       budget_reads, state_features, seed, site, sharpness=DEFAULT_SHARPNESS, impl="auto",
-      max_level=-1, select="row"):
+      max_level=-1, select="row", row_tiles=1):
     torch._check(q.dim() == 4, lambda: "q must be [B, H, N, D]")
     torch._check(k.dim() == 4 and v.dim() == 4, lambda: "k and v must be [B, Hkv, N, D]")
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
@@ -296,6 +300,7 @@ def tiled_attention_backward(
     sharpness: float = DEFAULT_SHARPNESS,
     max_level: int = -1,
     select: str = "row",
+    row_tiles: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``tiled_attention`` w.r.t. q, k, v (recomputed in PyTorch).
 
@@ -304,7 +309,7 @@ def tiled_attention_backward(
     op, so that tracing (AOT autograd, export) sees one opaque call.
     """
     params = _params(tile, window, anchors, horizon, budget, budget_reads, state_features,
-                     sharpness, max_level, select)
+                     sharpness, max_level, select, row_tiles)
     # the op body runs below the autograd key; torch.func builds its own graph
     def f(q_, k_, v_):
         return _tiled_reference(q_, k_, v_, attn_mask, scale=scale, is_causal=is_causal,
@@ -330,11 +335,13 @@ def _setup_context(ctx, inputs, output):
     sharpness = inputs[15] if len(inputs) > 15 else DEFAULT_SHARPNESS
     max_level = inputs[17] if len(inputs) > 17 else -1
     select = inputs[18] if len(inputs) > 18 else "row"
-    p = _resolve(site, *inputs[6:13], sharpness, max_level, select)  # the plan the forward ran
+    row_tiles = inputs[19] if len(inputs) > 19 else 1
+    p = _resolve(site, *inputs[6:13], sharpness, max_level, select, row_tiles)  # as the forward ran
     ctx.rest = (scale, is_causal, p.tile, p.window, p.anchors,
                 -1 if p.horizon is None else p.horizon, p.budget,
                 0 if p.budget_reads is None else p.budget_reads, p.state_features,
-                inputs[13], p.sharpness, -1 if p.max_level is None else p.max_level, p.select)
+                inputs[13], p.sharpness, -1 if p.max_level is None else p.max_level, p.select,
+                p.row_tiles)
 
 
 def _backward(ctx, grad):

@@ -80,6 +80,7 @@ def site_params(ctx: PassContext, site: str, q_shape=None, k_shape=None) -> Tile
         sharpness=over.get("sharpness", cfg.sharpness),
         max_level=over.get("max_level", cfg.max_level),
         select=over.get("select", cfg.select),
+        row_tiles=over.get("row_tiles", cfg.row_tiles),
     )
 
 
@@ -170,7 +171,7 @@ def plan_args(p: TileParams, seed: int, site: str, impl: str = "auto") -> tuple:
     """
     return (p.tile, p.window, p.anchors, -1 if p.horizon is None else p.horizon, p.budget,
             0 if p.budget_reads is None else p.budget_reads, p.state_features, seed, site,
-            p.sharpness, impl, -1 if p.max_level is None else p.max_level, p.select)
+            p.sharpness, impl, -1 if p.max_level is None else p.max_level, p.select, p.row_tiles)
 
 
 def _plan_dict(p: TileParams) -> dict:
@@ -178,6 +179,7 @@ def _plan_dict(p: TileParams) -> dict:
         "tile": p.tile, "window": p.window, "anchors": p.anchors, "horizon": p.horizon,
         "budget": p.budget, "budget_reads": p.budget_reads, "state_features": p.state_features,
         "sharpness": p.sharpness, "max_level": p.max_level, "select": p.select,
+        "row_tiles": p.row_tiles,
     }
 
 

@@ -8,6 +8,7 @@ same-dtype reference (SDPA, or a hand-written formula) makes against it.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import math
 import pathlib
@@ -412,6 +413,55 @@ def test_every_level_kind_matches_the_formula(causal, features, impl):
     assert_golden(out, golden, loop_reference(q, k, v, phi=phi, **args))
 
 
+def pair_table(lv, jq0=0):
+    """``lv`` with each pair of query tiles ``(2p, 2p + 1)`` sharing the first one's entries
+    before ``2p`` and the second reading tile ``2p`` exactly (rows of two tiles)."""
+    lv = lv.clone()
+    mq = lv.shape[2]
+    for r in range(0, mq - 1):
+        t = jq0 + r
+        if t % 2 == 0:
+            lv[:, :, r + 1, :t] = lv[:, :, r, :t]
+            lv[:, :, r + 1, t] = EXACT
+    return lv
+
+
+@pytest.mark.parametrize("n, pad", [(100, "left"), (112, None), (200, "right")])
+def test_rows_of_two_tiles_run_as_one_block(monkeypatch, n, pad):
+    """A table whose pairs of query tiles read the same entries (rows of 2*T queries over
+    key tiles of T) runs on the CPU path as one block of 2*G*T queries per pair, own
+    block causal over 2*T keys: the same outputs as the tile-by-tile formula, with every
+    level kind, the state, key padding, GQA and an odd number of tiles (a padding
+    partner); a table without that structure runs one tile a row."""
+    b, h, hkv, d, tile = 2, 4, 2, 16, 16
+    q, k, v = qkv(b, h, hkv, n, d, d, seed=21, scale=0.7)
+    valid = None if pad is None else key_padding(b, n, pad)
+    m = -(-n // tile)
+    lv = pair_table(random_table(b, hkv, m, True, [EXACT, 1, 2, STATE, NONE], seed=3))
+    s = d**-0.5
+    proj = random_features(d, 32, hkv, seed=0, device="cpu", dtype=torch.float64)
+    seen = []
+    pair_rows = cpu._pair_rows
+    monkeypatch.setattr(cpu, "_pair_rows", lambda *a: seen.append(r := pair_rows(*a)) or r)
+    out = cpu.tiled_attention_cpu(q, k, v, lv, scale=s, causal=True, tile=tile,
+                                  key_valid=valid, feature_proj=proj)
+    assert seen and seen[0] is not None, "the pair path did not run"
+    args = {"levels": lv, "scale": s, "causal": True, "tile": tile, "key_valid": valid}
+    phi = prf(proj, s)
+    golden = loop_reference(q.double(), k.double(), v.double(), phi=phi, **args)
+    assert_golden(out, golden, loop_reference(q, k, v, phi=phi, **args))
+    # one entry of one second row differs: no longer pairs, the tile-by-tile path
+    broken = lv.clone()
+    broken[0, 0, 3, 0] = NONE if int(broken[0, 0, 3, 0]) != NONE else EXACT
+    seen.clear()
+    out = cpu.tiled_attention_cpu(q, k, v, broken, scale=s, causal=True, tile=tile,
+                                  key_valid=valid, feature_proj=proj)
+    assert seen == [None]
+    args["levels"] = broken
+    golden = loop_reference(q.double(), k.double(), v.double(), phi=phi, **args)
+    assert_golden(out, golden, loop_reference(q, k, v, phi=phi, **args))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pad", [False, True])
 def test_tile_of_equal_keys_pooled_is_exact(pad, impl):
@@ -643,17 +693,22 @@ def _min_reads(levels_visible, fixed, tile, features):
     anchors=st.integers(0, 2),
     causal=st.booleans(),
     seed=st.integers(0, 1000),
+    row_tiles=st.sampled_from([1, 2]),
 )
-def test_budget_rule(tiles, cut, tile, budget, features, window, anchors, causal, seed):
+def test_budget_rule(tiles, cut, tile, budget, features, window, anchors, causal, seed,
+                     row_tiles):
     """Reads stay within the budget (or the rule's cheapest plan), never above exact;
-    near field and anchors EXACT; nothing above the diagonal when causal."""
+    near field and anchors EXACT; nothing above the diagonal when causal; rows of two
+    tiles too (a pair whose share of the budget cannot pay its cheapest plan stays two
+    rows; tests/test_api.py checks the pairs of a payable table)."""
     b, hkv, d = 1, 2, 8
     n = tiles * tile - cut % tile
     m = -(-n // tile)
     k = _smooth_keys(b, hkv, n, d, seed)
     k = F.pad(k, (0, 0, 0, m * tile - n))
     validp = F.pad(torch.ones(b, n, dtype=torch.bool), (0, m * tile - n), value=False)
-    params = _params(budget, tile, window, anchors, features)
+    params = dataclasses.replace(_params(budget, tile, window, anchors, features),
+                                 row_tiles=row_tiles)
     lv = build_levels(
         tile_density(k, validp, tile),
         torch.arange(m),
