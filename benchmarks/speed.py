@@ -141,7 +141,7 @@ def _plan(args, budget: float) -> TileParams:
     arguments: ``--max-level -1`` is every level)."""
     max_level = -1 if args.max_level is None else args.max_level
     return _op_params(args.tile, args.window, args.anchors, -1, budget, 0, args.head_dim,
-                      DEFAULT_SHARPNESS, max_level, args.select)
+                      DEFAULT_SHARPNESS, max_level, args.select, args.row_tiles)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--select", choices=SELECTS, default=defaults.select,
                     help="row: one table row per query tile; query: each query its own tiles "
                          "(reads/orig is what a query reads, computed/orig what its row computes)")
+    ap.add_argument("--row-tiles", type=int, choices=(1, 2), default=defaults.row_tiles,
+                    help="query tiles per level table row (2: pairs of tiles share one "
+                         "choice and run as one block)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--sdpa-max", type=int, default=32768, help="longest N to run SDPA at")
     ap.add_argument("--profile", action="store_true",
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         _measure(n, args, dev, dtype, fast, rows, series, sdpa_series)
     threads = f"{torch.get_num_threads()} threads" if dev == "cpu" else torch.cuda.get_device_name()
     print(f"causal attention, B=1, H={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, "
-          f"tile={args.tile}, window={args.window}, anchors={args.anchors}, max_level={args.max_level}, select={args.select}, {str(dtype).removeprefix('torch.')}, {threads}, device={dev}")
+          f"tile={args.tile}, window={args.window}, anchors={args.anchors}, max_level={args.max_level}, select={args.select}, row_tiles={args.row_tiles}, {str(dtype).removeprefix('torch.')}, {threads}, device={dev}")
     headers = ["N", "budget", "SDPA ms", "tiled ms", "speedup", "reads/orig", "computed/orig"]
     if dev == "cuda":
         headers += ["kernel ms", "impl", "SDPA MiB", "tiled MiB"]
