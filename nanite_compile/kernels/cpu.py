@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .levels import EXACT, NONE, STATE
-from .reference import _check_query_keep, _log_features, tile_layout, untile
+from .reference import _check_query_keep, _log_features, pool_levels, tile_layout, untile
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -108,39 +108,13 @@ def _take_rows(bank: torch.Tensor, idx: torch.Tensor, slot: int) -> torch.Tensor
 
 def _tile_banks(kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor, tile: int, top: int,
                 masked: bool) -> dict:
-    """Keys and values of every tile at pool levels ``0 .. top``, one bank row per tile.
-
-    Level ``l`` holds each tile's means of ``2**l`` consecutive keys (padding keys left
-    out), ``T >> l`` of them per tile: ``bank_k [B, Hkv, mk, (T >> l) * D]``, the same for
-    values, and their log counts ``[B, mk, T >> l]`` (-inf for a group with no valid key).
-    Level 0 is the keys themselves (zeroed where padding when ``masked``, so a masked key
-    whose value is not finite cannot reach the sum through a zero weight). Each level
-    halves the one before (the work is about 2N whatever ``top``).
-    """
-    b, h, n, d = kc.shape
-    dv = vc.shape[-1]
+    """`pool_levels` ``0 .. top`` laid out one bank row per tile: level ``l`` as
+    ``bank_k [B, Hkv, mk, (T >> l) * D]``, the same for values, and log counts
+    ``[B, mk, T >> l]``, so a tile's entries are gathered as one contiguous block."""
+    b, h, n, _ = kc.shape
     mk = n // tile
-    w = valid.to(kc.dtype)
-    ks, vs, cnt = kc, vc, w
-    if masked:
-        ks, vs = kc * w[:, None, :, None], vc * w[:, None, :, None]
-    banks = {}
-    for lvl in range(top + 1):
-        if lvl:
-            m = n >> lvl
-            ks = ks.reshape(b, h, m, 2, d).sum(3)
-            vs = vs.reshape(b, h, m, 2, dv).sum(3)
-            cnt = cnt.reshape(b, m, 2).sum(-1)
-        logc = torch.where(cnt > 0, cnt.clamp_min(1.0).log(), torch.full_like(cnt, -math.inf))
-        if lvl:
-            den = cnt.clamp_min(1.0)[:, None, :, None]
-            km, vm = ks / den, vs / den
-        else:
-            km, vm = ks, vs
-        g = tile >> lvl
-        banks[lvl] = (km.reshape(b, h, mk, g * d), vm.reshape(b, h, mk, g * dv),
-                      logc.reshape(b, mk, g))
-    return banks
+    return {lvl: (km.reshape(b, h, mk, -1), vm.reshape(b, h, mk, -1), logc.reshape(b, mk, -1))
+            for lvl, km, vm, logc in pool_levels(kc, vc, valid, top, masked)}
 
 
 def _pair_rows(lv, valid, qc, kc, vc, jq0: int, T: int):
@@ -156,6 +130,19 @@ def _pair_rows(lv, valid, qc, kc, vc, jq0: int, T: int):
     b, hkv, mq, mk = lv.shape
     if jq0 % 2 or mq < 2:
         return None
+    # the structure is checked on the real rows first: a table without it (the default
+    # rule's) costs this comparison only, not the padding copies of q, k and v below
+    npair = mq // 2
+    a, z = lv[:, :, 0:2 * npair:2], lv[:, :, 1:2 * npair:2]
+    first = jq0 + 2 * torch.arange(npair, device=lv.device)
+    before = torch.arange(mk, device=lv.device) < first[:, None]  # [pairs, mk]
+    if not bool(((a == z) | ~before).all()):
+        return None
+    own = z.gather(-1, first.reshape(1, 1, -1, 1).expand(b, hkv, -1, 1))[..., 0]
+    tile_ok = valid.reshape(b, 1, mk, T).any(-1).gather(
+        -1, first.reshape(1, 1, -1).expand(b, 1, -1))  # the first tile has a valid key
+    if not bool(((own == EXACT) | ((own == NONE) & ~tile_ok)).all()):
+        return None
     if mq % 2:  # a padding partner for the last tile: its table is its partner's
         lv = F.pad(lv, (0, 1), value=NONE)
         extra = lv[:, :, -1:].clone()
@@ -165,17 +152,6 @@ def _pair_rows(lv, valid, qc, kc, vc, jq0: int, T: int):
         kc = F.pad(kc, (0, 0, 0, T))
         vc = F.pad(vc, (0, 0, 0, T))
         qc = F.pad(qc, (0, 0, 0, 0, 0, 0, 0, 1))
-        mq, mk = mq + 1, mk + 1
-    a, z = lv[:, :, 0::2], lv[:, :, 1::2]
-    first = jq0 + 2 * torch.arange(mq // 2, device=lv.device)
-    before = torch.arange(mk, device=lv.device) < first[:, None]  # [mq/2, mk]
-    if not bool(((a == z) | ~before).all()):
-        return None
-    own = z.gather(-1, first.reshape(1, 1, -1, 1).expand(b, hkv, -1, 1))[..., 0]
-    tile_ok = valid.reshape(b, 1, mk, T).any(-1).gather(
-        -1, first.reshape(1, 1, -1).expand(b, 1, -1))  # the first tile has a valid key
-    if not bool(((own == EXACT) | ((own == NONE) & ~tile_ok)).all()):
-        return None
     return lv, valid, qc, kc, vc
 
 

@@ -88,6 +88,37 @@ def _log_features(x: torch.Tensor, proj: torch.Tensor, scale: float) -> torch.Te
     return u.reshape(*shape[:-1], f)
 
 
+def pool_levels(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, top: int,
+                masked: bool = True):
+    """Keys and values averaged over ``2**l`` consecutive positions, ``l = 0 .. top``.
+
+    Yields ``(l, k_l [B, H, N >> l, D], v_l, logc_l [B, N >> l])``: the means of each
+    group's valid positions and the log of their count (-inf for a group with none).
+    Level 0 is the keys themselves, zeroed where padding when ``masked`` (so a masked
+    key whose value is not finite cannot reach a sum through a zero weight; unmasked,
+    the caller guarantees finite padding). Each level halves the previous level's sums:
+    the work is about 2N whatever ``top``.
+    """
+    b, h, n, d = k.shape
+    dv = v.shape[-1]
+    w = valid.to(k.dtype)
+    ksum, vsum, cnt = k, v, w
+    if masked:
+        ksum, vsum = k * w[:, None, :, None], v * w[:, None, :, None]
+    for lvl in range(top + 1):
+        if lvl:
+            m = n >> lvl
+            ksum = ksum.reshape(b, h, m, 2, d).sum(3)
+            vsum = vsum.reshape(b, h, m, 2, dv).sum(3)
+            cnt = cnt.reshape(b, m, 2).sum(-1)
+            den = cnt.clamp_min(1.0)[:, None, :, None]
+            km, vm = ksum / den, vsum / den
+        else:
+            km, vm = ksum, vsum
+        yield lvl, km, vm, torch.where(cnt > 0, cnt.clamp_min(1.0).log(),
+                                       torch.full_like(cnt, -math.inf))
+
+
 def _pyramid(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, tile: int):
     """Bank of keys and their group means at every pool level (k, v may differ in width).
 
@@ -96,26 +127,16 @@ def _pyramid(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, tile: int):
         -inf for empty), bank_pos ``[Nb]`` (token position of level-0
         entries, -1 for summaries), and the offset of each level in the bank.
     """
-    b, h, n, d = k.shape
-    dv = v.shape[-1]
-    w = valid.to(k.dtype)
-    # level 0 is the keys themselves; each next level halves the previous level's
-    # masked sums (total work ~2N, not N per level)
-    ksum, vsum = k * w[:, None, :, None], v * w[:, None, :, None]
-    cnt = w
-    ks, vs, lcs, poss, offs = [ksum], [vsum], [], [torch.arange(n, device=k.device)], [0]
-    lcs.append(torch.where(cnt > 0, torch.zeros_like(cnt), torch.full_like(cnt, -math.inf)))
-    off, m = n, n
-    while m > n // tile:
-        m //= 2
-        ksum = ksum.reshape(b, h, m, 2, d).sum(3)
-        vsum = vsum.reshape(b, h, m, 2, dv).sum(3)
-        cnt = cnt.reshape(b, m, 2).sum(-1)
-        den = cnt.clamp_min(1.0)[:, None, :, None]
-        ks.append(ksum / den)
-        vs.append(vsum / den)
-        lcs.append(torch.where(cnt > 0, cnt.clamp_min(1.0).log(), torch.full_like(cnt, -math.inf)))
-        poss.append(torch.full((m,), -1, device=k.device, dtype=torch.long))
+    n = k.shape[2]
+    ks, vs, lcs, poss, offs = [], [], [], [], []
+    off = 0
+    for lvl, km, vm, logc in pool_levels(k, v, valid, int(math.log2(tile))):
+        m = n >> lvl
+        ks.append(km)
+        vs.append(vm)
+        lcs.append(logc)
+        poss.append(torch.arange(n, device=k.device) if lvl == 0
+                    else torch.full((m,), -1, device=k.device, dtype=torch.long))
         offs.append(off)
         off += m
     return (torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(lcs, 1), torch.cat(poss, 0),

@@ -426,13 +426,13 @@ def pair_table(lv, jq0=0):
     return lv
 
 
-@pytest.mark.parametrize("n, pad", [(100, "left"), (112, None), (200, "right")])
+@pytest.mark.parametrize("n, pad", [(100, "left"), (112, None), (128, "left"), (200, "right")])
 def test_rows_of_two_tiles_run_as_one_block(monkeypatch, n, pad):
     """A table whose pairs of query tiles read the same entries (rows of 2*T queries over
     key tiles of T) runs on the CPU path as one block of 2*G*T queries per pair, own
     block causal over 2*T keys: the same outputs as the tile-by-tile formula, with every
-    level kind, the state, key padding, GQA and an odd number of tiles (a padding
-    partner); a table without that structure runs one tile a row."""
+    level kind, the state, key padding, GQA, an even and an odd number of tiles (a
+    padding partner); a table without that structure runs one tile a row."""
     b, h, hkv, d, tile = 2, 4, 2, 16, 16
     q, k, v = qkv(b, h, hkv, n, d, d, seed=21, scale=0.7)
     valid = None if pad is None else key_padding(b, n, pad)
