@@ -622,7 +622,7 @@ def test_site_params_read_heads_from_4d_and_3d_shapes():
     assert site_params(ctx, "a", [1, "s0", 100, 64], [1, 8, 100, 64]).tile == 32
     ctx = PassContext(NaniteConfig(), plans={"a": {"tile": 16}})
     p = site_params(ctx, "a", [1, 8, 100, 64], [1, 8, 100, 64])
-    assert (p.tile, p.window, p.anchors) == (16, 2, 1)  # the plan's tile, the site's counts
+    assert (p.tile, p.window, p.anchors) == (16, 4, 2)  # the plan's tile, counted as a set one
 
 
 @pytest.mark.parametrize("heads, kv_heads, want", [(6, 2, 32), (4, 2, 64), (4, 4, 64)])
@@ -732,7 +732,7 @@ def test_config_row_tiles_reaches_the_op():
         recs = [r for rs in rec.values() for r in rs]
         assert recs and all(r["path"] == "tiled" for r in recs)
         for r in recs:
-            assert r["reads_per_query"] <= 0.3 * r["exact_reads_per_query"] * 1.02 + 16
+            assert r["reads_per_query"] <= 0.3 * r["exact_reads_per_query"] + 16
             lv = r["levels"]  # [Hkv, mq, mk]
             m = lv.shape[1] // 2 * 2
             before = torch.arange(lv.shape[-1])[None, :] < torch.arange(0, m, 2)[:, None]

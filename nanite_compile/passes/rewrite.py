@@ -8,6 +8,7 @@ the caller, leaves the site exact with that reason).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -68,9 +69,11 @@ def site_params(ctx: PassContext, site: str, q_shape=None, k_shape=None) -> Tile
         rec = next((r for r in ctx.sites if r.site == site), None)
         if rec is not None:
             q_shape, k_shape = rec.q_shape, rec.k_shape
-    tile, window, anchors = cfg.tiling(_heads(q_shape), _heads(k_shape))
+    # a plan's own tile counts the near field and anchors in its tiles, as a set config does
+    tiling = cfg if "tile" not in over else dataclasses.replace(cfg, tile=over["tile"])
+    tile, window, anchors = tiling.tiling(_heads(q_shape), _heads(k_shape))
     return TileParams(
-        tile=over.get("tile", tile),
+        tile=tile,
         window=over.get("window", window),
         anchors=over.get("anchors", anchors),
         horizon=over.get("horizon", cfg.horizon),
