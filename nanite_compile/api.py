@@ -451,9 +451,9 @@ def _over_budget_note(sites: list) -> str | None:
         if s.runtime_path != "tiled" or plan.get("budget_reads") is not None:
             continue
         budget = plan.get("budget")
-        if not budget or budget >= 1.0 or not s.exact_reads_per_query or s.reads_per_query is None:
+        ratio = s.read_ratio
+        if not budget or budget >= 1.0 or ratio is None:
             continue
-        ratio = s.reads_per_query / s.exact_reads_per_query
         if ratio > budget * (1.0 + _OVER_BUDGET_SLACK):
             over.append((ratio, budget, s))
     if not over:

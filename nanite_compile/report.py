@@ -62,6 +62,23 @@ class SiteReport:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def read_ratio(self) -> float | None:
+        """Key reads per query against the original's (None when not measured)."""
+        return self._share(self.reads_per_query)
+
+    @property
+    def work_ratio(self) -> float | None:
+        """Keys scored per query against the original's: the reads, or what the site
+        computes where that is more (``select="query"``)."""
+        work = self.computed_per_query if self.computed_per_query is not None \
+            else self.reads_per_query
+        return self._share(work)
+
+    def _share(self, x: float | None) -> float | None:
+        return x / self.exact_reads_per_query if x is not None and self.exact_reads_per_query \
+            else None
+
     @classmethod
     def from_dict(cls, d: dict) -> SiteReport:
         """A site from its ``to_dict`` form; every field's type is checked.
@@ -261,16 +278,11 @@ def format_table(rep: RewriteReport) -> str:
     computed = any(s.computed_per_query is not None for s in rep.sites)
     rows = []
     for s in rep.sites:
-        ratio = (s.reads_per_query / s.exact_reads_per_query
-                 if s.reads_per_query is not None and s.exact_reads_per_query else None)
         why = s.reason if s.status == "skipped" else (
             s.runtime_reason if s.runtime_path == "exact" else "")
         row = [s.module_path or "<root>", s.pattern, s.runtime_mask or s.mask_kind, s.status,
-               s.runtime_path or "", _fmt(ratio, ".3f")]
-        if computed:
-            work = s.computed_per_query if s.computed_per_query is not None else s.reads_per_query
-            row.append(_fmt(work / s.exact_reads_per_query
-                            if work is not None and s.exact_reads_per_query else None, ".3f"))
+               s.runtime_path or "", _fmt(s.read_ratio, ".3f")]
+        row += [_fmt(s.work_ratio, ".3f")] if computed else []
         rows.append(row + [_fmt(s.rel_error, ".2e"), why])
     headers = ["module", "pattern", "mask", "status", "ran", "reads/orig"]
     headers += ["computed/orig"] if computed else []

@@ -234,21 +234,12 @@ def _draw_budget(ax, rep: RewriteReport) -> None:
     labels, pattern = _short_names([s.site for s in sites])
     ratios, colors = [], []
     for s in sites:
-        if s.reads_per_query is not None and s.exact_reads_per_query:
-            ratios.append(s.reads_per_query / s.exact_reads_per_query)
-        else:
-            ratios.append(1.0)
+        ratios.append(1.0 if s.read_ratio is None else s.read_ratio)
         tiled = s.status == "rewritten" and s.runtime_path == "tiled"
         colors.append(_POOL_DARK if tiled else (0.65, 0.65, 0.65))
     x = list(range(len(sites)))
-    work = [
-        s.computed_per_query / s.exact_reads_per_query
-        if s.computed_per_query is not None and s.exact_reads_per_query
-        else None
-        for s in sites
-    ]
-    if any(w is not None for w in work):  # select="query": the union a query tile scores
-        ax.bar(x, [w or 0.0 for w in work], color="none", edgecolor=_POOL_DARK, hatch="//",
+    if any(s.computed_per_query is not None for s in sites):  # select="query": the union
+        ax.bar(x, [s.work_ratio or 0.0 for s in sites], color="none", edgecolor=_POOL_DARK, hatch="//",
                width=0.8, linewidth=0.6, label="computed (union of the queries' tiles)")
     ax.bar(x, ratios, color=colors, width=0.8)
     budget = rep.config.get("budget")
@@ -490,13 +481,6 @@ def _html(rep: RewriteReport, files: dict, sources: dict, chosen: list) -> str:
     head += ["rel. error", "reason"]
     rows = []
     for s in rep.sites:
-        work = s.computed_per_query if s.computed_per_query is not None else s.reads_per_query
-        w = work / s.exact_reads_per_query if work is not None and s.exact_reads_per_query else None
-        r = (
-            s.reads_per_query / s.exact_reads_per_query
-            if s.reads_per_query is not None and s.exact_reads_per_query
-            else None
-        )
         why = (
             s.reason
             if s.status == "skipped"
@@ -512,9 +496,9 @@ def _html(rep: RewriteReport, files: dict, sources: dict, chosen: list) -> str:
                     _cell(s.runtime_path),
                     _cell(s.reads_per_query, ".1f"),
                     _cell(s.exact_reads_per_query, ".1f"),
-                    _cell(r, ".3f"),
+                    _cell(s.read_ratio, ".3f"),
                 ]
-                + ([_cell(w, ".3f")] if computed else [])
+                + ([_cell(s.work_ratio, ".3f")] if computed else [])
                 + [
                     _cell(s.rel_error, ".2e"),
                     _cell(why),
