@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .levels import EXACT, NONE, STATE
-from .reference import _check_query_keep, _log_features, pool_levels, tile_layout, untile
+from .reference import _check_query_keep, _log_features, pool_levels, tile_layout
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -174,19 +174,24 @@ def tiled_attention_cpu(
     The causal diagonal tile must be EXACT (the run-time rule guarantees it).
     With ``query_keep`` (a per-query selection) the entries' bias is per query:
     ``[rows, G*T, P]`` instead of one row per query tile.
+
+    Rows (query tiles) run in chunks: each chunk's own tile, entries and state are
+    scored, merged under one normaliser and written into the output, so no
+    full-length intermediate is allocated besides the output itself (fresh memory
+    of that size costs more to touch than to fill: ``_workspace``).
     """
     cd, b, h, nq, d, hkv, nk, dv, G, T, mk, jq0, mq, qpad_front, valid, kc, vc, qc = \
-        tile_layout(q, k, v, key_valid, tile)  # qc: [B,Hkv,mq,G,T,D]
+        tile_layout(q, k, v, key_valid, tile)  # qc: [B,Hkv,mq,G,T,D], a view
     _check_query_keep(levels, query_keep)
+    dev = q.device
 
     lv = levels.to(torch.int64)
-    jj = torch.arange(mq, device=q.device)
-    diag = (jq0 + jj)[None, None, :, None] == torch.arange(mk, device=q.device)  # [1,1,mq,mk]
     mq_real = mq
     rest = lv
-    parts_o, parts_l = [], []
     R = 1  # query tiles per executed row
     if causal:
+        jj = torch.arange(mq, device=dev)
+        diag = (jq0 + jj)[None, None, :, None] == torch.arange(mk, device=dev)  # [1,1,mq,mk]
         dl = lv.masked_select(diag.expand_as(lv))
         if not bool(((dl == EXACT) | ((dl == NONE) & (key_valid is not None))).all()):
             raise ValueError("the causal diagonal tile must be EXACT (or all padding)")
@@ -198,173 +203,192 @@ def tiled_attention_cpu(
             lv, valid, qc, kc, vc = paired
             mk, mq = lv.shape[-1], lv.shape[2]
         nr = mq // R  # executed rows
-        first = jq0 + R * torch.arange(nr, device=q.device)  # each row's first query tile
+        first = jq0 + R * torch.arange(nr, device=dev)  # each row's first query tile
         rows_lv = lv[:, :, ::R]
         # everything a row reads before its own block of R tiles
-        rest = rows_lv.masked_fill(torch.arange(mk, device=q.device) >= first[:, None], NONE)
+        rest = rows_lv.masked_fill(torch.arange(mk, device=dev) >= first[:, None], NONE)
+    else:
+        nr, rows_lv = mq, lv
+    QB, KB = R * G * T, R * T
+
+    own = None
+    if causal:
         # own block: causal inside its R tiles, with the padding keys masked. The G query
         # heads of a KV head are stacked into one block of R*G*T queries over the block's
         # R*T keys with the causal pattern as a bias (repeating K/V per head cost 2x)
-        QB, KB = R * G * T, R * T
         kt = kc.reshape(b, hkv, mk, T, d)[:, :, jq0:jq0 + mq].reshape(b, hkv, nr, KB, d)
         vt = vc.reshape(b, hkv, mk, T, dv)[:, :, jq0:jq0 + mq].reshape(b, hkv, nr, KB, dv)
-        rows = b * hkv * nr
-        tri = torch.ones(KB, KB, dtype=torch.bool, device=q.device).tril()
+        tri = torch.ones(KB, KB, dtype=torch.bool, device=dev).tril()
         # queries in (tile of the row, head, position) order; query r*T + t sees keys <= it
         tri = tri.reshape(R, 1, T, KB).expand(R, G, T, KB).reshape(QB, KB)
         if key_valid is None:
-            allow = tri[None, None]  # one pattern for every row
+            allow = tri[None, None, None]  # one pattern for every row: [1, 1, 1, QB, KB]
         else:
-            vt_ok = valid.reshape(b, 1, mk, T)[:, :, jq0:jq0 + mq].reshape(b, 1, nr, KB)
-            allow = tri & vt_ok.expand(b, hkv, nr, KB).reshape(-1, 1, 1, KB)
-        bias = torch.zeros(allow.shape, dtype=cd, device=q.device).masked_fill_(~allow, -math.inf)
-        bias = bias.expand(rows, 1, QB, KB)
-        qr = qc.reshape(b, hkv, nr, QB, d)
-        od, ld = _flash(qr.reshape(rows, 1, QB, d), kt.reshape(rows, 1, KB, d),
-                        vt.reshape(rows, 1, KB, dv), 0.0, False, attn_mask=bias, scale=scale)
-        ld = ld.reshape(b, hkv, nr, QB)
-        od = od.reshape(b, hkv, nr, QB, dv)
-        if key_valid is not None:
-            # the kernel reports lse 0 for a row with nothing to attend to: make it -inf
-            nothing = ~allow.any(-1).reshape(b, hkv, nr, QB)
-            ld = ld.masked_fill(nothing, -math.inf)
-            od = od.masked_fill(nothing[..., None], 0.0)
-        parts_o.append(od)
-        parts_l.append(ld)
-    else:
-        nr, QB, rows_lv = mq, G * T, lv
-        qr = qc.reshape(b, hkv, nr, QB, d)
+            vt_ok = valid.reshape(b, 1, mk, T)[:, :, jq0:jq0 + mq].reshape(b, 1, nr, 1, KB)
+            allow = tri & vt_ok  # [B, 1, nr, QB, KB]
+        own_bias = torch.zeros(allow.shape, dtype=cd, device=dev).masked_fill_(~allow, -math.inf)
+        own = (kt, vt, allow, own_bias)
 
     present = [lvl for lvl in range(int(rest.max()) + 1) if bool((rest == lvl).any())] \
         if bool((rest >= 0).any()) else []
+    lists, banks = [], {}
     if present:
         banks = _tile_banks(kc, vc, valid, T, present[-1], key_valid is not None)
         # one list of tile indices per level and row (its tiles in order, padded): every
         # entry of a tile is gathered as one block (a tile at level l is T >> l rows of the
         # bank, contiguous), so the index work is per tile, not per key
-        lists = []
         for lvl in present:
             m = rest == lvl
-            cnt = m.sum(-1)  # [B,Hkv,mq]
+            cnt = m.sum(-1)  # [B,Hkv,nr]
             order = torch.sort((~m).to(torch.int8), dim=-1, stable=True).indices
             lists.append((lvl, order, cnt, cnt.amax(dim=(0, 1))))  # longest list per row
-        # rows are processed in chunks: each level's lists trimmed to the chunk's longest,
-        # and as many rows as fit the scratch bound, so the early rows (which see few
-        # tiles) do not pay for the longest row's padding
-        per_entry = b * hkv * ((d + dv + 1) * cd.itemsize * 2 + QB * 8)
-        max_entries = max(1, int(chunk_bytes // per_entry))  # rows x entries per chunk
-        parts = {lvl: (torch.empty(b, hkv, nr, QB, dv, dtype=cd, device=q.device),
-                       torch.empty(b, hkv, nr, QB, dtype=cd, device=q.device))
-                 for lvl in present}
-        bidx = torch.arange(b, device=q.device).reshape(b, 1, 1, 1)
-        c0 = 0
-        while c0 < nr:
-            run_max = [n_l[c0:].cummax(0).values for _, _, _, n_l in lists]
-            width = sum(r * (T >> lvl) for r, lvl in zip(run_max, present, strict=True))
-            cost = width * torch.arange(1, nr - c0 + 1, device=q.device)
-            n_c = max(1, int((cost <= max_entries).sum()))
-            c1 = c0 + n_c
-            rows = b * hkv * n_c
-            for (lvl, order, cnt, _), r in zip(lists, run_max, strict=True):
-                o_p, l_p = parts[lvl]
-                E = int(r[n_c - 1])
-                if E == 0:  # no row of the chunk reads a tile at this level
-                    o_p[:, :, c0:c1] = 0.0
-                    l_p[:, :, c0:c1] = -math.inf
-                    continue
-                bk, bv, blc = banks[lvl]
-                w = T >> lvl  # entries per tile at this level
-                P = E * w
-                tl = order[:, :, c0:c1, :E]  # [B,Hkv,n_c,E]
-                has = torch.arange(E, device=q.device) < cnt[:, :, c0:c1, None]
-                kg = _take_rows(bk, tl.reshape(b, hkv, -1), 0)
-                vg = _take_rows(bv, tl.reshape(b, hkv, -1), 1)
-                # log count of each entry (-inf for padding keys and for list padding)
-                bias = blc[bidx, tl].masked_fill_(~has[..., None], -math.inf)  # [..,E,w]
-                if query_keep is None:
-                    o, lse = _flash(
-                        qr[:, :, c0:c1].reshape(rows, 1, QB, d),
-                        kg.reshape(rows, 1, P, d),
-                        vg.reshape(rows, 1, P, dv),
-                        0.0, False,
-                        attn_mask=bias.reshape(rows, 1, 1, P),
-                        scale=scale,
-                    )
-                    empty = ~(bias > -math.inf).reshape(b, hkv, n_c, 1, P).any(-1)
-                else:
-                    # a bias per query, shared by the G heads of its position: the heads are
-                    # the kernel's head axis over K/V expanded without a copy (stacking them
-                    # instead needs a G-times larger bias: 1.6x the time)
-                    sel = query_keep[:, :, c0:c1].gather(
-                        -1, tl[:, :, :, None, :].expand(-1, -1, -1, T, -1))  # [B,Hkv,n_c,T,E]
-                    bias = bias[:, :, :, None].expand(-1, -1, -1, T, -1, -1).masked_fill(
-                        ~sel[..., None], -math.inf)  # level-0 entries only (checked)
-                    o, lse = _flash(
-                        qr[:, :, c0:c1].reshape(rows, G, T, d),
-                        kg.reshape(rows, 1, P, d).expand(rows, G, P, d),
-                        vg.reshape(rows, 1, P, dv).expand(rows, G, P, dv),
-                        0.0, False,
-                        attn_mask=bias.reshape(rows, 1, T, P),
-                        scale=scale,
-                    )
-                    empty = ~(bias > -math.inf).reshape(b, hkv, n_c, T, P).any(-1)
-                    empty = empty[:, :, :, None, :].expand(b, hkv, n_c, G, T).reshape(
-                        b, hkv, n_c, G * T)
-                o = o.reshape(b, hkv, n_c, QB, dv)
-                lse = lse.reshape(b, hkv, n_c, QB)
-                if bool(empty.any()):  # nothing to attend to: weight 0 (the kernel gives 0/0)
-                    empty = empty.expand(b, hkv, n_c, QB)
-                    lse = lse.masked_fill(empty, -math.inf)
-                    o = o.masked_fill(empty[..., None], 0.0)
-                o_p[:, :, c0:c1] = o
-                l_p[:, :, c0:c1] = lse
-            c0 = c1
-        for lvl in present:
-            parts_o.append(parts[lvl][0])
-            parts_l.append(parts[lvl][1])
 
-    num_s = den_s = m_s = None
+    state = None
     if bool((rows_lv == STATE).any()):
-        kt = kc.reshape(b, hkv, mk, T, d)
-        vt = vc.reshape(b, hkv, mk, T, dv)
+        kt_s = kc.reshape(b, hkv, mk, T, d)
+        vt_s = vc.reshape(b, hkv, mk, T, dv)
         wt = valid.reshape(b, 1, mk, T, 1)
-        lk = _log_features(kt, feature_proj.to(cd), scale)  # [B,Hkv,mk,T,F]
+        proj = feature_proj.to(cd)
+        lk = _log_features(kt_s, proj, scale)  # [B,Hkv,mk,T,F]
         lk = lk.masked_fill(~wt, -math.inf)
         ck = lk.amax(dim=(2, 3, 4), keepdim=True).clamp_min(-1e30)
         phik = torch.exp(lk - ck)
-        s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt)
+        s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt_s)
         z_tile = phik.sum(3)
         s_row, z_row = _state_rows(rows_lv, s_tile, z_tile)  # [B,Hkv,nr,F,Dv], [B,Hkv,nr,F]
-        lq = _log_features(qr, feature_proj.to(cd), scale)
-        lq = lq + ck.reshape(b, hkv, 1, 1, 1)
-        has = (z_row > 0).any(-1)[..., None]  # [B,Hkv,mq,1]
-        m_s = torch.where(has, lq.amax(-1), torch.full_like(lq[..., 0], -math.inf))
-        wq = torch.exp(lq - torch.where(torch.isfinite(m_s), m_s, 0.0)[..., None])
-        num_s = torch.einsum("bhcqf,bhcfd->bhcqd", wq, s_row)
-        den_s = torch.einsum("bhcqf,bhcf->bhcq", wq, z_row)
+        state = (proj, ck.reshape(b, hkv, 1, 1, 1), s_row, z_row)
 
-    # one normaliser over all parts: each part's weight exp(lse - M) / den is formed on the
-    # small [.., G*T] tensors, then the output is one weighted sum of the parts (no
-    # unnormalised accumulator divided over [.., G*T, Dv]); rows that see nothing get 0
-    logs = list(parts_l) + ([m_s] if m_s is not None else [])
-    if not logs:
-        return untile(torch.zeros(b, hkv, mq_real, G * T, dv, dtype=cd, device=q.device),
-                      b, h, hkv, G, mq_real, T, dv, qpad_front, nq, q.dtype)
-    M = torch.stack(logs).amax(0)
-    M = torch.where(torch.isfinite(M), M, 0.0)
-    terms = [(o, torch.exp(lse - M)) for o, lse in zip(parts_o, parts_l, strict=True)]
-    den = sum(a for _, a in terms)
-    if m_s is not None:  # the state's num_s / den_s are unnormalised sums at scale exp(m_s)
-        a_s = torch.exp(m_s - M)
-        terms.append((num_s, a_s))
-        den = den + a_s * den_s
-    inv = torch.where(den > 0, 1.0 / den.clamp_min(torch.finfo(cd).tiny), 0.0)
-    out = terms[0][0] * (terms[0][1] * inv)[..., None]
-    for o, a in terms[1:]:
-        out.addcmul_(o, (a * inv)[..., None])
-    # rows of R query tiles back to one row per tile, without the padding tile of an odd count
-    out = out.reshape(b, hkv, mq, G * T, dv)[:, :, :mq_real]
-    return untile(out, b, h, hkv, G, mq_real, T, dv, qpad_front, nq, q.dtype)
+    # the result in its final layout; each chunk's rows are written into it once
+    res = torch.empty(b, h, mq_real * T, dv, dtype=cd, device=dev)
+    res_t = res.view(b, hkv, G, mq_real, T, dv)
+    # rows are processed in chunks: each level's lists trimmed to the chunk's longest,
+    # and as many rows as fit the scratch bound, so the early rows (which see few
+    # tiles) do not pay for the longest row's padding
+    per_entry = b * hkv * ((d + dv + 1) * cd.itemsize * 2 + QB * 8)
+    per_row = b * hkv * QB * (d + 2 * dv + 4) * cd.itemsize * (len(present) + 2)
+    bidx = torch.arange(b, device=dev).reshape(b, 1, 1, 1)
+    c0 = 0
+    while c0 < nr:
+        left = torch.arange(1, nr - c0 + 1, device=dev)
+        cost = left * per_row
+        run_max = [n_l[c0:].cummax(0).values for _, _, _, n_l in lists]
+        if lists:
+            width = sum(r * (T >> lvl) for r, lvl in zip(run_max, present, strict=True))
+            cost = cost + width * left * per_entry
+        n_c = max(1, int((cost <= chunk_bytes).sum()))
+        c1 = c0 + n_c
+        rows = b * hkv * n_c
+        # the chunk's queries as [B, Hkv, n_c, QB, D], copied into scratch
+        qr = _workspace(2, b * hkv * n_c * QB * d, cd).view(b, hkv, n_c, R, G, T, d)
+        qr.copy_(qc[:, :, c0 * R:c1 * R].reshape(b, hkv, n_c, R, G, T, d))
+        qr = qr.view(b, hkv, n_c, QB, d)
+        parts_o, parts_l = [], []
+        if own is not None:
+            kt, vt, allow, own_bias = own
+            ob = own_bias[:, :, c0:c1] if own_bias.shape[2] > 1 else own_bias
+            ob = ob.expand(b, hkv, n_c, QB, KB).reshape(rows, 1, QB, KB)
+            od, ld = _flash(qr.reshape(rows, 1, QB, d),
+                            kt[:, :, c0:c1].reshape(rows, 1, KB, d),
+                            vt[:, :, c0:c1].reshape(rows, 1, KB, dv),
+                            0.0, False, attn_mask=ob, scale=scale)
+            ld = ld.reshape(b, hkv, n_c, QB)
+            od = od.reshape(b, hkv, n_c, QB, dv)
+            if key_valid is not None:
+                # the kernel reports lse 0 for a row with nothing to attend to: make it -inf
+                nothing = ~allow[:, :, c0:c1].any(-1).expand(b, hkv, n_c, QB)
+                ld = ld.masked_fill(nothing, -math.inf)
+                od = od.masked_fill(nothing[..., None], 0.0)
+            parts_o.append(od)
+            parts_l.append(ld)
+        for (lvl, order, cnt, _), r in zip(lists, run_max, strict=True):
+            E = int(r[n_c - 1])
+            if E == 0:  # no row of the chunk reads a tile at this level
+                continue
+            bk, bv, blc = banks[lvl]
+            w = T >> lvl  # entries per tile at this level
+            P = E * w
+            tl = order[:, :, c0:c1, :E]  # [B,Hkv,n_c,E]
+            has = torch.arange(E, device=dev) < cnt[:, :, c0:c1, None]
+            kg = _take_rows(bk, tl.reshape(b, hkv, -1), 0)
+            vg = _take_rows(bv, tl.reshape(b, hkv, -1), 1)
+            # log count of each entry (-inf for padding keys and for list padding)
+            bias = blc[bidx, tl].masked_fill_(~has[..., None], -math.inf)  # [..,E,w]
+            if query_keep is None:
+                o, lse = _flash(
+                    qr.reshape(rows, 1, QB, d),
+                    kg.reshape(rows, 1, P, d),
+                    vg.reshape(rows, 1, P, dv),
+                    0.0, False,
+                    attn_mask=bias.reshape(rows, 1, 1, P),
+                    scale=scale,
+                )
+                empty = ~(bias > -math.inf).reshape(b, hkv, n_c, 1, P).any(-1)
+            else:
+                # a bias per query, shared by the G heads of its position: the heads are
+                # the kernel's head axis over K/V expanded without a copy (stacking them
+                # instead needs a G-times larger bias: 1.6x the time)
+                sel = query_keep[:, :, c0:c1].gather(
+                    -1, tl[:, :, :, None, :].expand(-1, -1, -1, T, -1))  # [B,Hkv,n_c,T,E]
+                bias = bias[:, :, :, None].expand(-1, -1, -1, T, -1, -1).masked_fill(
+                    ~sel[..., None], -math.inf)  # level-0 entries only (checked)
+                o, lse = _flash(
+                    qr.reshape(rows, G, T, d),
+                    kg.reshape(rows, 1, P, d).expand(rows, G, P, d),
+                    vg.reshape(rows, 1, P, dv).expand(rows, G, P, dv),
+                    0.0, False,
+                    attn_mask=bias.reshape(rows, 1, T, P),
+                    scale=scale,
+                )
+                empty = ~(bias > -math.inf).reshape(b, hkv, n_c, T, P).any(-1)
+                empty = empty[:, :, :, None, :].expand(b, hkv, n_c, G, T).reshape(
+                    b, hkv, n_c, G * T)
+            o = o.reshape(b, hkv, n_c, QB, dv)
+            lse = lse.reshape(b, hkv, n_c, QB)
+            if bool(empty.any()):  # nothing to attend to: weight 0 (the kernel gives 0/0)
+                empty = empty.expand(b, hkv, n_c, QB)
+                lse = lse.masked_fill(empty, -math.inf)
+                o = o.masked_fill(empty[..., None], 0.0)
+            parts_o.append(o)
+            parts_l.append(lse)
+
+        num_s = den_s = m_s = None
+        if state is not None:
+            proj, ck, s_row, z_row = state
+            s_c, z_c = s_row[:, :, c0:c1], z_row[:, :, c0:c1]
+            lq = _log_features(qr, proj, scale) + ck  # [B,Hkv,n_c,QB,F]
+            has_s = (z_c > 0).any(-1)[..., None]  # [B,Hkv,n_c,1]
+            m_s = torch.where(has_s, lq.amax(-1), torch.full_like(lq[..., 0], -math.inf))
+            wq = torch.exp(lq - torch.where(torch.isfinite(m_s), m_s, 0.0)[..., None])
+            num_s = torch.einsum("bhcqf,bhcfd->bhcqd", wq, s_c)
+            den_s = torch.einsum("bhcqf,bhcf->bhcq", wq, z_c)
+
+        # one normaliser over all parts: each part's weight exp(lse - M) / den is formed on
+        # the small [.., QB] tensors, then the output is one weighted sum of the parts (no
+        # unnormalised accumulator divided over [.., QB, Dv]); rows that see nothing get 0
+        out = _workspace(3, b * hkv * n_c * QB * dv, cd).view(b, hkv, n_c, QB, dv)
+        logs = parts_l + ([m_s] if m_s is not None else [])
+        if not logs:
+            out.zero_()
+        else:
+            M = torch.stack(logs).amax(0)
+            M = torch.where(torch.isfinite(M), M, 0.0)
+            terms = [(o, torch.exp(lse - M)) for o, lse in zip(parts_o, parts_l, strict=True)]
+            den = sum(a for _, a in terms)
+            if m_s is not None:  # num_s / den_s are unnormalised sums at scale exp(m_s)
+                a_s = torch.exp(m_s - M)
+                terms.append((num_s, a_s))
+                den = den + a_s * den_s
+            inv = torch.where(den > 0, 1.0 / den.clamp_min(torch.finfo(cd).tiny), 0.0)
+            torch.mul(terms[0][0], (terms[0][1] * inv)[..., None], out=out)
+            for o, a in terms[1:]:
+                out.addcmul_(o, (a * inv)[..., None])
+        # rows of R query tiles back to one row per tile (the padding tile of an odd count
+        # dropped), heads apart, into the result
+        t0, t1 = c0 * R, min(c1 * R, mq_real)
+        res_t[:, :, :, t0:t1].copy_(
+            out.view(b, hkv, n_c * R, G, T, dv)[:, :, :t1 - t0].permute(0, 1, 3, 2, 4, 5))
+        c0 = c1
+    return res[:, :, qpad_front:qpad_front + nq].to(q.dtype)
 
 
 # the name the driver (``reference.tiled_attention(fast=...)``) calls

@@ -450,6 +450,10 @@ def test_rows_of_two_tiles_run_as_one_block(monkeypatch, n, pad):
     phi = prf(proj, s)
     golden = loop_reference(q.double(), k.double(), v.double(), phi=phi, **args)
     assert_golden(out, golden, loop_reference(q, k, v, phi=phi, **args))
+    # one pair a chunk (the padding partner of an odd count in the last one)
+    one = cpu.tiled_attention_cpu(q, k, v, lv, scale=s, causal=True, tile=tile,
+                                  key_valid=valid, feature_proj=proj, chunk_bytes=1)
+    assert_golden(one, golden, loop_reference(q, k, v, phi=phi, **args))
     # one entry of one second row differs: no longer pairs, the tile-by-tile path
     broken = lv.clone()
     broken[0, 0, 3, 0] = NONE if int(broken[0, 0, 3, 0]) != NONE else EXACT
@@ -488,15 +492,21 @@ def test_tile_of_equal_keys_pooled_is_exact(pad, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_chunking_does_not_change_the_result(impl):
+@pytest.mark.parametrize("nq, pad", [(300, None), (237, "left")])
+def test_chunking_does_not_change_the_result(impl, nq, pad):
     """Processing query tiles in chunks (bounded scratch) gives the same output: bit for
     bit in the reference; to rounding in the CPU path, whose chunks are trimmed to their
-    own longest entry list (the flash kernel's blocks then fall differently)."""
-    q, k, v = qkv(1, 4, 2, 300, 16, 16, seed=9)
+    own longest entry list (the flash kernel's blocks then fall differently). Also with
+    fewer queries than keys, starting inside a tile, and key padding (the CPU path
+    writes each chunk's rows into the output's layout)."""
+    q, k, v = qkv(2, 4, 2, 300, 16, 16, seed=9)
+    q = q[:, :, 300 - nq:]
+    valid = None if pad is None else key_padding(2, 300, pad)
     m = -(-300 // 16)
-    lv = random_table(1, 2, m, True, [EXACT, 1, 3, STATE, NONE], seed=4)
+    lv = random_table(2, 2, m, True, [EXACT, 1, 3, STATE, NONE], seed=4)
+    lv = lv[:, :, (300 - nq) // 16:]  # the rows of the query tiles
     proj = random_features(16, 16, 2, seed=0, device="cpu", dtype=torch.float32)
-    kw = {"scale": 0.25, "causal": True, "tile": 16, "feature_proj": proj}
+    kw = {"scale": 0.25, "causal": True, "tile": 16, "feature_proj": proj, "key_valid": valid}
     whole = run(impl, q, k, v, lv, **kw)
     chunked = run(impl, q, k, v, lv, chunk_bytes=1, **kw)  # one query tile a chunk
     tol = 0 if impl == "reference" else 4 * torch.finfo(q.dtype).eps
