@@ -134,6 +134,44 @@ def _group_means(k: torch.Tensor, key_valid: torch.Tensor, tile: int, means: int
     return mean, logn[..., 0], E
 
 
+def sampled_queries(nq: int, nk: int, tile: int, causal: bool, stride: int,
+                    device: torch.device):
+    """The queries `tile_importance` scores: ``(index into the Nq queries, table row,
+    last key tile each may see)``, each ``[S]`` int64.
+
+    Every ``stride``-th query of a tile and its last one. Causal: one table row
+    serves every query of its tile, so it may only depend on tokens before the tile.
+    Row j is estimated from the sampled queries of tile j - 1 (each sees whole tiles
+    up to its own) and from tile j's first query (which sees the tiles before j):
+    nothing from inside tile j but its first token. A single query, or bidirectional
+    attention, estimates its own row from its own tile. Queries whose row lies past
+    the table or that see no tile are left out.
+    """
+    T = tile
+    q0 = nk - nq  # absolute position of the first query
+    jq0 = q0 // T
+    mq = -(-nk // T) - jq0
+    sel = torch.arange(nq, device=device)
+    qpos = q0 + sel
+    if stride > 1:
+        last = torch.clamp(qpos // T * T + T - 1, max=nk - 1)
+        keep = ((qpos % stride) == stride - 1) | (qpos == last)
+        sel = keep.nonzero().squeeze(-1)
+        qpos = qpos[sel]
+    last = qpos // T  # last key tile each query's scores may use
+    row = qpos // T - jq0
+    if causal and nq > 1:
+        qposf = torch.arange(-(-q0 // T) * T, nk, T, device=device)  # tiles' first queries
+        sel = torch.cat([sel, qposf - q0])
+        last = torch.cat([last, qposf // T - 1])
+        row = torch.cat([row + 1, qposf // T - jq0])
+    inside = (row < mq) & (last >= 0)
+    if not bool(inside.all()):
+        keep = inside.nonzero().squeeze(-1)
+        sel, row, last = sel[keep], row[keep], last[keep]
+    return sel, row, last
+
+
 def tile_importance(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -194,37 +232,9 @@ def tile_importance(
     f32 = torch.float32
     mean, logn, E = _group_means(k, key_valid, T, means)
     logn = logn[:, :, None, None, :]  # [B, 1, 1, 1, mk*E]
-
-    q0 = nk - nq  # absolute position of the first query
-    jq0 = q0 // T
-    mq = mk - jq0
-    qpos = q0 + torch.arange(nq, device=q.device)
-    q_in = q
-    if stride > 1:
-        last = torch.clamp(qpos // T * T + T - 1, max=nk - 1)
-        keep = ((qpos % stride) == stride - 1) | (qpos == last)
-        sel = keep.nonzero().squeeze(-1)
-        q = q.index_select(2, sel)
-        qpos = qpos[sel]
-        nq = int(sel.numel())
-    # Causal: one table row serves every query of its tile, so it may only depend on
-    # tokens before the tile. Row j is estimated from the sampled queries of tile j - 1
-    # (each sees whole tiles up to its own) and from tile j's first query (which sees the
-    # tiles before j): nothing from inside tile j but its first token. A single query,
-    # or bidirectional attention, estimates its own row from its own tile.
-    last = qpos // T  # last key tile each query's scores may use
-    row = qpos // T - jq0
-    if causal and nq > 1:
-        qposf = torch.arange(-(-q0 // T) * T, nk, T, device=q.device)  # tiles' first queries
-        qf = q_in.index_select(2, qposf - q0)
-        q = torch.cat([q, qf], 2)
-        last = torch.cat([last, qposf // T - 1])
-        row = torch.cat([row + 1, qposf // T - jq0])
-        qpos = torch.cat([qpos, qposf])
-    inside = (row < mq) & (last >= 0)
-    if not bool(inside.all()):
-        sel = inside.nonzero().squeeze(-1)
-        q, qpos, row, last = q.index_select(2, sel), qpos[sel], row[sel], last[sel]
+    mq = mk - (nk - nq) // T
+    sel, row, last = sampled_queries(nq, nk, T, causal, stride, q.device)
+    q = q.index_select(2, sel)
     nq = int(q.shape[2])
     qtile = row
     qg = q.to(f32).reshape(b, hkv, G, nq, d)

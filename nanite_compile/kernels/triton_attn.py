@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .cpu import _state_rows
 from .levels import EXACT, NONE, STATE
 from .reference import _entry_index, _log_features, _pyramid, _stage
+from .triton_mass import tile_importance_triton as importance  # the level rule's estimate
 
 try:  # optional dependency: the op falls back to the PyTorch path without it
     import triton
@@ -39,7 +40,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = tl = None
     _OUT_OF_RESOURCES = ()
 
-__all__ = ["available", "run", "supports", "tiled_attention_triton"]
+__all__ = ["available", "importance", "run", "supports", "tiled_attention_triton"]
 
 # entries scored per step of the entry loop: the default, and the candidates the
 # CUDA autotune times once per plan (never on the CPU / interpreter)
