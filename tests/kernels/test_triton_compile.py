@@ -1,4 +1,4 @@
-"""The Triton kernel compiles for real GPUs, checked on a machine without one.
+"""The Triton kernels compile for real GPUs, checked on a machine without one.
 
 The interpreter (``TRITON_INTERPRET=1``, what test_triton.py runs on the CPU)
 executes the kernel as Python and accepts programs the compiler rejects: a name
@@ -78,14 +78,56 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def test_every_plan_variant_compiles_to_a_cubin():
+def _compile_all(script: str, variants: list) -> None:
+    """Run ``script`` (which compiles each variant and prints the cubin sizes) without
+    the interpreter; every variant must give a cubin."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, json.dumps(VARIANTS)],
+        [sys.executable, "-c", script, json.dumps(variants)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     sizes = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(sizes) == len(VARIANTS) and all(s > 1000 for s in sizes), sizes
+    assert len(sizes) == len(variants) and all(s > 1000 for s in sizes), sizes
+
+
+def test_every_plan_variant_compiles_to_a_cubin():
+    _compile_all(_SCRIPT, VARIANTS)
+
+
+# the mass estimate (triton_mass.py): (means per tile E, head dim, query slots BS, arch)
+MASS_VARIANTS = [(4, 64, 32, 90), (8, 128, 64, 90), (2, 64, 16, 80), (64, 64, 32, 80)]
+
+_MASS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from nanite_compile.kernels import triton_mass as tm
+
+    kern = tm._kernel()
+    names = kern.arg_names
+    first_const = names.index("E")
+    pointers = names[:names.index("scale")]
+    ints = {"rq_ptr": "i32", "rl_ptr": "i32", "cnt_ptr": "i32"}
+    results = []
+    for E, D, BS, arch in json.loads(sys.argv[1]):
+        consts = dict(E=E, D=D, BD=tm._next_pow2(D), BS=BS, BC=max(64, tm._next_pow2(E)),
+                      PRECISION="tf32x3")
+        assert set(consts) == set(names[first_const:]), set(consts) ^ set(names[first_const:])
+        sig = {n: "*" + ints.get(n, "fp32") if n in pointers else
+               ("fp32" if n == "scale" else "i32") for n in names[:first_const]}
+        sig.update({n: "constexpr" for n in consts})
+        k = triton.compile(ASTSource(kern, sig, consts), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": 4})
+        results.append(len(k.asm["cubin"]))
+    print(json.dumps(results))
+    """
+)
+
+
+def test_the_mass_kernel_compiles_to_a_cubin():
+    _compile_all(_MASS_SCRIPT, MASS_VARIANTS)
