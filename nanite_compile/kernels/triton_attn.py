@@ -1,8 +1,9 @@
 """The Triton path of tiled attention (CUDA; CPU under the Triton interpreter).
 
 Same math and contract as ``cpu.tiled_attention_cpu`` (``kernels/README.md``,
-section "Triton kernel"): the pyramid bank, the entry list of each query tile
-and the per-row state sums ``S_j, z_j`` are built in PyTorch, then one fused
+section "Triton kernel"): the pyramid bank is one Triton kernel
+(``triton_pyramid.py``), the entry list of each query tile and the per-row
+state sums ``S_j, z_j`` are built in PyTorch, then one fused
 forward kernel per plan does, for every (batch, query head, query tile), an
 online softmax (fp32) over
 
@@ -29,8 +30,9 @@ import torch.nn.functional as F
 
 from .cpu import _state_rows
 from .levels import EXACT, NONE, STATE
-from .reference import _entry_index, _log_features, _pyramid, _stage
+from .reference import _entry_index, _log_features, _stage
 from .triton_mass import tile_importance_triton as importance  # the level rule's estimate
+from .triton_pyramid import pyramid_triton
 
 try:  # optional dependency: the op falls back to the PyTorch path without it
     import triton
@@ -360,7 +362,7 @@ def tiled_attention_triton(
         rest = lv.masked_fill(diag, NONE)
 
     with _stage("nanite.pyramid"):
-        bank_k, bank_v, bank_lc, _, offs = _pyramid(kc, vc, valid, T)
+        bank_k, bank_v, bank_lc, offs = pyramid_triton(kc, vc, valid, T)  # one launch
     nb = bank_k.shape[2]
     use_entries = bool((rest >= 0).any())
     if use_entries:

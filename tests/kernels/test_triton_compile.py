@@ -131,3 +131,38 @@ _MASS_SCRIPT = textwrap.dedent(
 
 def test_the_mass_kernel_compiles_to_a_cubin():
     _compile_all(_MASS_SCRIPT, MASS_VARIANTS)
+
+
+# the pyramid bank (triton_pyramid.py): (tile, head dim, value dim, arch)
+PYRAMID_VARIANTS = [(64, 64, 64, 90), (32, 128, 128, 90), (16, 64, 64, 80)]
+
+_PYRAMID_SCRIPT = textwrap.dedent(
+    """
+    import json, math, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from nanite_compile.kernels import triton_pyramid as tp
+
+    kern = tp._kernel()
+    names = kern.arg_names
+    first_const = names.index("T")
+    results = []
+    for T, D, DV, arch in json.loads(sys.argv[1]):
+        consts = dict(T=T, LEVELS=int(math.log2(T)), D=D, DV=DV, BD=tp._next_pow2(D),
+                      BDV=tp._next_pow2(DV))
+        assert set(consts) == set(names[first_const:]), set(consts) ^ set(names[first_const:])
+        sig = {"K": "*fp32", "V": "*fp32", "W": "*i8", "BK": "*fp32", "BV": "*fp32",
+               "BLC": "*fp32", "hkv": "i32", "n": "i32", "nb": "i32"}
+        assert set(sig) == set(names[:first_const])
+        sig.update({n: "constexpr" for n in consts})
+        k = triton.compile(ASTSource(kern, sig, consts), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": 4})
+        results.append(len(k.asm["cubin"]))
+    print(json.dumps(results))
+    """
+)
+
+
+def test_the_pyramid_kernel_compiles_to_a_cubin():
+    _compile_all(_PYRAMID_SCRIPT, PYRAMID_VARIANTS)
