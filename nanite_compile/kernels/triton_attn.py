@@ -1,9 +1,10 @@
 """The Triton path of tiled attention (CUDA; CPU under the Triton interpreter).
 
 Same math and contract as ``cpu.tiled_attention_cpu`` (``kernels/README.md``,
-section "Triton kernel"): the pyramid bank is one Triton kernel
-(``triton_pyramid.py``), the entry list of each query tile and the per-row
-state sums ``S_j, z_j`` are built in PyTorch, then one fused
+section "Triton kernel"): the pyramid bank (``triton_pyramid.py``) and the
+state's per-tile sums (``triton_state.py``) are Triton kernels, the entry list
+of each query tile and the state's prefix sums over tiles are built in
+PyTorch, then one fused
 forward kernel per plan does, for every (batch, query head, query tile), an
 online softmax (fp32) over
 
@@ -30,9 +31,10 @@ import torch.nn.functional as F
 
 from .cpu import _state_rows
 from .levels import EXACT, NONE, STATE
-from .reference import _entry_index, _log_features, _stage
+from .reference import _entry_index, _stage
 from .triton_mass import tile_importance_triton as importance  # the level rule's estimate
 from .triton_pyramid import pyramid_triton
+from .triton_state import state_tiles_triton
 
 try:  # optional dependency: the op falls back to the PyTorch path without it
     import triton
@@ -275,20 +277,13 @@ def _pick_block_e(key: tuple, launch, timer) -> int:
 def _state_inputs(kc, vc, valid, lv, feature_proj, scale, T):
     """The STATE read-out's inputs: the feature map ``[Hkv, D, F]``, per-row sums
     ``S_j [B, Hkv, mq, F, Dv]`` and ``z_j [B, Hkv, mq, F]`` of the tiles each row
-    folds, and the keys' stabiliser ``[B, Hkv]``."""
-    b, hkv, npad, d = kc.shape
-    mk = npad // T
+    folds, and the keys' stabiliser ``[B, Hkv]``. The per-tile sums are Triton
+    kernels (`triton_state.py`: the keys' features never reach memory); the prefix
+    sums over tiles and the rows' differences are PyTorch (`cpu._state_rows`)."""
     proj = feature_proj.to(device=kc.device, dtype=kc.dtype).contiguous()  # [Hkv, D, F]
-    kt5 = kc.reshape(b, hkv, mk, T, d)
-    vt5 = vc.reshape(b, hkv, mk, T, vc.shape[-1])
-    wt = valid.reshape(b, 1, mk, T, 1)
-    lk = _log_features(kt5, proj, scale).masked_fill(~wt, -math.inf)  # [B,Hkv,mk,T,F]
-    ck = lk.amax(dim=(2, 3, 4)).clamp_min(-1e30)  # [B, Hkv]
-    phik = torch.exp(lk - ck[:, :, None, None, None])
-    s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt5)
-    z_tile = phik.sum(3)
+    s_tile, z_tile, ck = state_tiles_triton(kc, vc, valid, proj, scale, T)
     s_row, z_row = _state_rows(lv, s_tile, z_tile)
-    return proj, s_row.contiguous(), z_row.contiguous(), ck.contiguous()
+    return proj, s_row.contiguous(), z_row.contiguous(), ck
 
 
 def tiled_attention_triton(

@@ -166,3 +166,41 @@ _PYRAMID_SCRIPT = textwrap.dedent(
 
 def test_the_pyramid_kernel_compiles_to_a_cubin():
     _compile_all(_PYRAMID_SCRIPT, PYRAMID_VARIANTS)
+
+
+# the state's per-tile sums (triton_state.py): (tile, head dim, value dim, features, sums, arch)
+STATE_VARIANTS = [(64, 64, 64, 64, False, 90), (64, 64, 64, 64, True, 90),
+                  (32, 128, 128, 48, True, 80), (8, 64, 64, 64, True, 90)]
+
+_STATE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from nanite_compile.kernels import triton_state as ts
+
+    kern = ts._kernel()
+    names = kern.arg_names
+    first_const = names.index("T")
+    pointers = names[:names.index("sqrt_scale")]
+    floats = ("sqrt_scale", "half_scale", "half_log_f")
+    results = []
+    for T, D, DV, F, sums, arch in json.loads(sys.argv[1]):
+        consts = dict(T=T, D=D, DV=DV, F=F, BT=ts._next_pow2(T), BD=ts._next_pow2(D),
+                      BDV=ts._next_pow2(DV), BF=ts._next_pow2(F), SUMS=sums,
+                      PRECISION="tf32x3")
+        assert set(consts) == set(names[first_const:]), set(consts) ^ set(names[first_const:])
+        sig = {n: ("*i8" if n == "VALID" else "*fp32") if n in pointers else
+               ("fp32" if n in floats else "i32") for n in names[:first_const]}
+        sig.update({n: "constexpr" for n in consts})
+        k = triton.compile(ASTSource(kern, sig, consts), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": 4})
+        results.append(len(k.asm["cubin"]))
+    print(json.dumps(results))
+    """
+)
+
+
+def test_the_state_kernel_compiles_to_a_cubin():
+    _compile_all(_STATE_SCRIPT, STATE_VARIANTS)
