@@ -52,7 +52,7 @@ fi
 
 echo "== GPU tests (tests/kernels/test_triton.py, tests/test_cuda.py; compiled kernels) =="
 if timeout 30 "$PYTHON" -c "import pytest" 2>/dev/null; then
-  timeout 210 "$PYTHON" -m pytest tests/kernels/test_triton.py tests/kernels/test_triton_mass.py tests/kernels/test_triton_pyramid.py tests/kernels/test_triton_state.py tests/test_cuda.py -q -rs \
+  timeout 210 "$PYTHON" -m pytest tests/kernels/test_triton.py tests/kernels/test_triton_inputs.py tests/test_cuda.py -q -rs \
     -p no:cacheprovider \
     --durations=10 --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.txt"
   rc=${PIPESTATUS[0]}

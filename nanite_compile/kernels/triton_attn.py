@@ -29,6 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._triton import next_pow2
 from .cpu import _state_rows
 from .levels import EXACT, NONE, STATE
 from .reference import _entry_index, _stage
@@ -76,10 +77,6 @@ def supports(q: torch.Tensor, v: torch.Tensor, window: int | None) -> bool:
         return False
     return (q.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and q.shape[-1] <= 256 and v.shape[-1] <= 256)
-
-
-def _next_pow2(x: int, least: int = 16) -> int:
-    return max(least, 1 << max(0, int(x - 1).bit_length()))
 
 
 def _dot_operand(x, HALF_DOT: tl.constexpr, EMULATE_HALF: tl.constexpr, DOT_DTYPE: tl.constexpr):
@@ -385,9 +382,9 @@ def tiled_attention_triton(
     out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=dev)
     interpret = _interpreting()
     half = q.dtype in (torch.float16, torch.bfloat16)
-    BM = _next_pow2(T)
+    BM = next_pow2(T)
     consts = dict(
-        T=T, D=d, DV=dv, F=nf, BM=BM, BD=_next_pow2(d), BDV=_next_pow2(dv), BF=_next_pow2(nf),
+        T=T, D=d, DV=dv, F=nf, BM=BM, BD=next_pow2(d), BDV=next_pow2(dv), BF=next_pow2(nf),
         USE_DIAG=bool(causal), USE_ENTRIES=use_entries, USE_STATE=use_state,
         HALF_DOT=half, EMULATE_HALF=half and interpret,
         DOT_DTYPE=tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,
@@ -413,7 +410,7 @@ def tiled_attention_triton(
             block_e = BLOCK_E
         else:
             key = (*((k_, str(v_)) for k_, v_ in sorted(consts.items())), str(q.dtype),
-                   _next_pow2(P, 1),
+                   next_pow2(P, 1),
                    torch.cuda.get_device_name(dev))
             block_e = _pick_block_e(key, launch, _cuda_time)
     with _stage("nanite.kernel"):

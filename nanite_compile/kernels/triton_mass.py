@@ -17,17 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import Lazy, next_pow2, tl, triton
 from .levels import _group_means, sampled_queries
-
-try:  # optional dependency: the op falls back to the PyTorch estimate without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None
 
 __all__ = ["tile_importance_triton"]
 
-_KERNEL = None
 
 
 def _mass_kernel(
@@ -54,48 +48,39 @@ def _mass_kernel(
                  mask=ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32) * scale
     hi = tl.minimum((tl.max(lastq, 0) + 1) * E, C)  # columns any query of the row sees
     base = mean_ptr + bh.to(tl.int64) * C * D
-    m_i = tl.full([BS], float("-inf"), tl.float32)
-    l_i = tl.zeros([BS], tl.float32)
-    for c0 in range(0, hi, BC):
-        cc = c0 + tl.arange(0, BC)
-        kk = tl.load(base + cc[:, None] * D + dd[None, :],
-                     mask=(cc[:, None] < hi) & (dd[None, :] < D), other=0.0)
-        lg = tl.load(logn_ptr + b * C + cc, mask=cc < hi, other=float("-inf"))
-        sc = tl.dot(qv, tl.trans(kk), input_precision=PRECISION) + lg[None, :]
-        see = ok[:, None] & ((cc // E)[None, :] <= lastq[:, None])
-        sc = tl.where(see, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe[:, None]), 1)
-        m_i = m_new
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    inv = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)  # a query that sees nothing: 0
     nper = tl.maximum(n * G, 1).to(tl.float32)
     out_row = out_ptr + (bh.to(tl.int64) * mq + j) * mk
-    for c0 in range(0, hi, BC):
-        cc = c0 + tl.arange(0, BC)
-        kk = tl.load(base + cc[:, None] * D + dd[None, :],
-                     mask=(cc[:, None] < hi) & (dd[None, :] < D), other=0.0)
-        lg = tl.load(logn_ptr + b * C + cc, mask=cc < hi, other=float("-inf"))
-        sc = tl.dot(qv, tl.trans(kk), input_precision=PRECISION) + lg[None, :]
-        see = ok[:, None] & ((cc // E)[None, :] <= lastq[:, None])
-        p = tl.where(see, tl.exp(sc - m_safe[:, None]) * inv[:, None], 0.0)
-        col = tl.sum(p, 0)  # [BC]: mass per mean key, summed over the row's queries
-        tiles = tl.sum(tl.reshape(col, (BC // E, E)), 1) / nper
-        tt = c0 // E + tl.arange(0, BC // E)
-        tl.store(out_row + tt, tiles, mask=tt * E < hi)
+    m_i = tl.full([BS], float("-inf"), tl.float32)
+    l_i = tl.zeros([BS], tl.float32)
+    inv = tl.zeros([BS], tl.float32)
+    # pass 0: each query's softmax max and sum over the mean keys it sees (online);
+    # pass 1: the same scores again, as probabilities summed per key tile
+    for PASS in tl.static_range(2):
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        if PASS == 1:
+            inv = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)  # sees nothing: 0
+        for c0 in range(0, hi, BC):
+            cc = c0 + tl.arange(0, BC)
+            kk = tl.load(base + cc[:, None] * D + dd[None, :],
+                         mask=(cc[:, None] < hi) & (dd[None, :] < D), other=0.0)
+            lg = tl.load(logn_ptr + b * C + cc, mask=cc < hi, other=float("-inf"))
+            sc = tl.dot(qv, tl.trans(kk), input_precision=PRECISION) + lg[None, :]
+            see = ok[:, None] & ((cc // E)[None, :] <= lastq[:, None])
+            sc = tl.where(see, sc, float("-inf"))
+            if PASS == 0:
+                m_new = tl.maximum(m_i, tl.max(sc, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(sc - m_safe[:, None]), 1)
+                m_i = m_new
+            else:
+                p = tl.exp(sc - m_safe[:, None]) * inv[:, None]  # 0 where not seen
+                col = tl.sum(p, 0)  # [BC]: mass per mean key, summed over the row's queries
+                tiles = tl.sum(tl.reshape(col, (BC // E, E)), 1) / nper
+                tt = c0 // E + tl.arange(0, BC // E)
+                tl.store(out_row + tt, tiles, mask=tt * E < hi)
 
 
-def _kernel():
-    """The kernel, jitted once per process (after ``TRITON_INTERPRET`` is read)."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = triton.jit(_mass_kernel)
-    return _KERNEL
-
-
-def _next_pow2(x: int, least: int = 16) -> int:
-    return max(least, 1 << max(0, int(x - 1).bit_length()))
+_kernel = Lazy(_mass_kernel)
 
 
 def tile_importance_triton(
@@ -149,7 +134,7 @@ def tile_importance_triton(
         cnt.to(torch.int32), out,
         float(scale), G, hkv, mq, mk, C, S,
         q_.stride(0), q_.stride(1), q_.stride(2),
-        E=E, D=d, BD=_next_pow2(d), BS=_next_pow2(G * S), BC=max(64, _next_pow2(E)),
+        E=E, D=d, BD=next_pow2(d), BS=next_pow2(G * S), BC=max(64, next_pow2(E)),
         PRECISION="ieee" if interpret else "tf32x3",
     )
     return out

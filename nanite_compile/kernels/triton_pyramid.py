@@ -19,15 +19,10 @@ import math
 
 import torch
 
-try:  # optional dependency: the Triton path is off without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None
+from ._triton import Lazy, next_pow2, tl, triton
 
 __all__ = ["pyramid_triton"]
 
-_KERNEL = None
 
 
 def _pyramid_kernel(
@@ -71,16 +66,7 @@ def _pyramid_kernel(
         off += n >> lvl
 
 
-def _kernel():
-    """The kernel, jitted once per process (after ``TRITON_INTERPRET`` is read)."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = triton.jit(_pyramid_kernel)
-    return _KERNEL
-
-
-def _next_pow2(x: int, least: int = 16) -> int:
-    return max(least, 1 << max(0, int(x - 1).bit_length()))
+_kernel = Lazy(_pyramid_kernel)
 
 
 def pyramid_triton(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, tile: int):
@@ -112,6 +98,6 @@ def pyramid_triton(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, tile: 
     _kernel()[(n // T, b * hkv)](
         k.contiguous(), v.contiguous(), valid.to(torch.int8).contiguous(),
         bank_k, bank_v, bank_lc, hkv, n, nb,
-        T=T, LEVELS=levels, D=d, DV=dv, BD=_next_pow2(d), BDV=_next_pow2(dv),
+        T=T, LEVELS=levels, D=d, DV=dv, BD=next_pow2(d), BDV=next_pow2(dv),
     )
     return bank_k, bank_v, bank_lc, torch.tensor(offs, device=dev)

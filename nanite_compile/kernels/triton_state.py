@@ -20,15 +20,10 @@ import math
 
 import torch
 
-try:  # optional dependency: the Triton path is off without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None
+from ._triton import Lazy, next_pow2, tl, triton
 
 __all__ = ["state_tiles_triton"]
 
-_KERNEL = None
 
 
 def _state_tile_kernel(
@@ -71,16 +66,7 @@ def _state_tile_kernel(
         tl.store(TMAX + bh.to(tl.int64) * mk + t, tl.max(tl.max(u, 1), 0))
 
 
-def _kernel():
-    """The kernel, jitted once per process (after ``TRITON_INTERPRET`` is read)."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = triton.jit(_state_tile_kernel)
-    return _KERNEL
-
-
-def _next_pow2(x: int, least: int = 16) -> int:
-    return max(least, 1 << max(0, int(x - 1).bit_length()))
+_kernel = Lazy(_state_tile_kernel)
 
 
 def state_tiles_triton(kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor,
@@ -112,8 +98,8 @@ def state_tiles_triton(kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor,
     tmax = torch.empty(b, hkv, mk, dtype=torch.float32, device=dev)
     s_tile = torch.empty(b, hkv, mk, f, dv, dtype=torch.float32, device=dev)
     z_tile = torch.empty(b, hkv, mk, f, dtype=torch.float32, device=dev)
-    consts = dict(T=T, D=d, DV=dv, F=f, BT=_next_pow2(T), BD=_next_pow2(d),
-                  BDV=_next_pow2(dv), BF=_next_pow2(f), PRECISION=prec)
+    consts = dict(T=T, D=d, DV=dv, F=f, BT=next_pow2(T), BD=next_pow2(d),
+                  BDV=next_pow2(dv), BF=next_pow2(f), PRECISION=prec)
     args = (math.sqrt(scale), 0.5 * scale, 0.5 * math.log(f), hkv, n, mk)
     kern = _kernel()
     grid = (mk, b * hkv)
