@@ -237,10 +237,16 @@ def tiled_attention_cpu(
         # one list of tile indices per level and row (its tiles in order, padded): every
         # entry of a tile is gathered as one block (a tile at level l is T >> l rows of the
         # bank, contiguous), so the index work is per tile, not per key
+        cols = torch.arange(mk, device=dev).expand_as(rest)
         for lvl in present:
             m = rest == lvl
             cnt = m.sum(-1)  # [B,Hkv,nr]
-            order = torch.sort((~m).to(torch.int8), dim=-1, stable=True).indices
+            # each row's tiles at this level, in order, then 0s (a cumulative count places
+            # them; a stable sort of the mask took twice as long)
+            n_max = int(cnt.max())
+            slot = torch.where(m, m.cumsum(-1) - 1, n_max)  # the others to a spare column
+            order = torch.zeros(b, hkv, nr, n_max + 1, dtype=torch.int64, device=dev)
+            order = order.scatter_(-1, slot, cols)[..., :n_max]
             lists.append((lvl, order, cnt, cnt.amax(dim=(0, 1))))  # longest list per row
 
     state = None
