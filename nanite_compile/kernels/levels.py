@@ -42,6 +42,13 @@ DEFAULT_SHARPNESS = 6.0
 # x1.270 at 1
 DEFAULT_MAX_LEVEL = 1
 
+# queries per tile the causal mass estimate scores for the next row (every T / 8-th and
+# the tile's last, plus the row's own first query): SmolLM2, tile 32, [4k, 8k) at budget
+# 0.25 / 0.1: 8 gave Hamlet x1.051 / x1.198 and Othello x1.084 / x1.270, 2 x1.051 /
+# x1.193 and x1.088 / x1.274, 16 x1.056 / x1.209 (BENCHMARKS.md); 2 would take about
+# two thirds of the estimate's time off (15% of the CPU op at 16k tokens, budget 0.1)
+ESTIMATE_SAMPLES = 8
+
 # how the tiles a query reads are chosen (TileParams.select, NaniteConfig.select)
 SELECTS = ("row", "query")
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .levels import (
+    ESTIMATE_SAMPLES,
     EXACT,
     NONE,
     STATE,
@@ -464,7 +465,7 @@ def tiled_attention(
                     estimate = fast.importance
                 importance = estimate(q, kc, validp, T, scale, causal, nk,
                                       chunk_bytes=max(chunk_bytes // 4, 2**20),
-                                      stride=max(1, T // 8))
+                                      stride=max(1, T // ESTIMATE_SAMPLES))
         if reuse is not None:
             reuse[key] = (density, importance)
     with _stage("nanite.levels"):
