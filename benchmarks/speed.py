@@ -3,6 +3,7 @@
     python benchmarks/speed.py                      # CPU, N = 4k..16k
     python benchmarks/speed.py --lengths 4096 8192 16384 32768 --budgets 0.25 0.1
     python benchmarks/speed.py --device cuda        # CUDA, bf16, N = 4k..32k
+    python benchmarks/speed.py --lengths 8192 16384 32768 65536 --budgets --budget-reads 1024
 
 Prints one table: per length and budget, SDPA time, tiled time, speedup, the
 realised key reads per query against the original's, and the fitted exponent
@@ -100,7 +101,7 @@ def _measure(n, args, dev, dtype, fast, rows, series, sdpa_series) -> None:
         m_sdpa = _peak_mib(sdpa, dev)
         sdpa_series[0].append(n)
         sdpa_series[1].append(t_sdpa)
-    for b in args.budgets:
+    for b in _settings(args):
         p = _plan(args, b)
         stats: dict = {}
 
@@ -113,7 +114,7 @@ def _measure(n, args, dev, dtype, fast, rows, series, sdpa_series) -> None:
         series[b][1].append(t_tiled)
         ratio = stats["reads_per_query"] / stats["exact_reads_per_query"]
         computed = stats.get("computed_per_query", stats["reads_per_query"])
-        row = [n, b, f"{t_sdpa * 1e3:.2f}" if t_sdpa else "-", f"{t_tiled * 1e3:.2f}",
+        row = [n, _label(b), f"{t_sdpa * 1e3:.2f}" if t_sdpa else "-", f"{t_tiled * 1e3:.2f}",
                f"{t_sdpa / t_tiled:.2f}x" if t_sdpa else "-", f"{ratio:.3f}",
                f"{computed / stats['exact_reads_per_query']:.3f}"]
         if dev == "cuda" and p.select == "query":  # no Triton kernel for it: PyTorch ran
@@ -136,11 +137,23 @@ def _measure(n, args, dev, dtype, fast, rows, series, sdpa_series) -> None:
         rows.append(row)
 
 
-def _plan(args, budget: float) -> TileParams:
+def _settings(args) -> list:
+    """What each row keeps: the ``--budgets`` fractions (floats), then the
+    ``--budget-reads`` key reads per query (ints)."""
+    return list(args.budgets) + [int(r) for r in args.budget_reads]
+
+
+def _label(b) -> str:
+    return f"{b} reads" if isinstance(b, int) else f"{b}"
+
+
+def _plan(args, budget) -> TileParams:
     """The plan the op would run for these options (decoded as the op decodes its
-    arguments: ``--max-level -1`` is every level)."""
+    arguments: ``--max-level -1`` is every level). ``budget``: a share of the causal
+    reads (float), or an absolute number of key reads per query (int)."""
     max_level = -1 if args.max_level is None else args.max_level
-    return _op_params(args.tile, args.window, args.anchors, -1, budget, 0, args.head_dim,
+    frac, reads = (1.0, budget) if isinstance(budget, int) else (budget, 0)
+    return _op_params(args.tile, args.window, args.anchors, -1, frac, reads, args.head_dim,
                       DEFAULT_SHARPNESS, max_level, args.select, args.row_tiles)
 
 
@@ -151,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="default fp32 on cpu, bf16 on cuda (SDPA's flash kernel needs half)")
     ap.add_argument("--lengths", type=int, nargs="+", default=None,
                     help="default 4k 8k 16k on cpu, 4k 8k 16k 32k on cuda")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1])
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.25, 0.1],
+                    help="shares of the causal key reads kept (the cost stays a share of N^2)")
+    ap.add_argument("--budget-reads", type=int, nargs="*", default=[],
+                    help="key reads per query kept, whatever N (NaniteConfig.budget_reads: "
+                         "the cost grows linearly in N)")
     ap.add_argument("--heads", type=int, default=9)
     ap.add_argument("--kv-heads", type=int, default=3)
     ap.add_argument("--head-dim", type=int, default=64)
@@ -196,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         fast = cpu_kernels
     torch.manual_seed(0)
     rows = []
-    series: dict[float, tuple[list, list]] = {b: ([], []) for b in args.budgets}
+    series: dict = {b: ([], []) for b in _settings(args)}
     sdpa_series: tuple[list, list] = ([], [])
     for n in lengths:
         _measure(n, args, dev, dtype, fast, rows, series, sdpa_series)
@@ -208,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         headers += ["kernel ms", "impl", "SDPA MiB", "tiled MiB"]
     print(tabulate(rows, headers=headers, tablefmt="github"))
     exps = [["SDPA", _fit_exponent(*sdpa_series)]]
-    exps += [[f"tiled, budget {b}", _fit_exponent(*series[b])] for b in args.budgets]
+    exps += [[f"tiled, budget {_label(b)}", _fit_exponent(*series[b])] for b in _settings(args)]
     print()
     print(tabulate([[name, "-" if e is None else f"{e:.2f}"] for name, e in exps],
                    headers=["time ~ N**p", "p"], tablefmt="github"))
@@ -225,7 +242,7 @@ def _profile(n, args, dev, dtype, fast) -> None:
     k = torch.randn(1, args.kv_heads, n, args.head_dim, device=dev, dtype=dtype)
     v = torch.randn(1, args.kv_heads, n, args.head_dim, device=dev, dtype=dtype)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
-    for b in args.budgets:
+    for b in _settings(args):
         p = _plan(args, b)
 
         def call(p=p):
@@ -246,7 +263,7 @@ def _profile(n, args, dev, dtype, fast) -> None:
                 rows.append([e.key, e.count, f"{e.cpu_time_total / 1e3:.2f}",
                              "-" if dev_attr is None else f"{getattr(e, dev_attr) / 1e3:.2f}"])
         print()
-        print(f"profile, N={n}, budget {b}: stages (wall on the host; device time inside)")
+        print(f"profile, N={n}, budget {_label(b)}: stages (wall on the host; device time inside)")
         print(tabulate(rows, headers=["stage", "calls", "host ms", "device ms"],
                        tablefmt="github"))
         sort_by = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"

@@ -269,3 +269,17 @@ def test_console_script_help():
     assert res.returncode == 0, res.stderr
     for cmd in COMMANDS:
         assert cmd in res.stdout
+
+
+def test_bench_keeps_a_fixed_number_of_reads(capsys):
+    """``--budget-reads`` rows keep the key reads per query fixed as N grows, so their
+    share of the causal reads halves when N doubles (the linear-cost setting)."""
+    rc = cli.main(["bench", "--", "--lengths", "1024", "2048", "--budgets", "--budget-reads",
+                   "256", "--repeat", "1", "--heads", "4", "--kv-heads", "2"])
+    out = capsys.readouterr().out
+    assert rc in (0, None), out
+    rows = [r for r in out.splitlines() if "256 reads" in r and r.split("|")[1].strip().isdigit()]
+    assert len(rows) == 2, out
+    share = [float(r.split("|")[6]) for r in rows]  # reads/orig at 1024 and 2048 tokens
+    assert 0.4 < share[1] / share[0] < 0.6, share
+    assert "tiled, budget 256 reads" in out
