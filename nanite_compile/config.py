@@ -148,7 +148,9 @@ class NaniteConfig:
     # CPU op takes 1.3-1.7x tile 64's time there. With 1 or 2 query heads per KV head the
     # flash blocks of G*T queries are short and the gathered K/V serve fewer heads: at
     # tile 32 the op was slower than SDPA at budget 0.25 (8 / 8 heads, 8k-32k: x0.71-0.82),
-    # at tile 64 faster (x1.18-1.48), so such sites get tile 64 (benchmarks/speed.py)
+    # at tile 64 faster (x1.18-1.48), so such sites get tile 64 (benchmarks/speed.py). What
+    # it costs: SmolLM2 made MHA (KV heads repeated), [4k, 8k) at 0.25 / 0.1: tile 64
+    # x1.073 / x1.362, tile 32 x1.054 / x1.228 (README)
     tile: int | None = None
     window: int | None = None
     anchors: int | None = None
