@@ -88,8 +88,9 @@ def _nanite_reads(records: dict, tile: int, state_features: int, n: int) -> tupl
     return reads, orig
 
 
-def run_one(name: str, budget: float | None, model, ids, ranges, calib_ids, tile: int):
-    """Perplexity and realised reads of one method at one budget."""
+def run_one(name: str, budget: float | None, model, ids, ranges, calib_ids, tiling: tuple):
+    """Perplexity and realised reads of one method at one budget; ``tiling`` is ``(tile,
+    near field, anchors)`` as ``NaniteConfig.tiling`` resolves them for the model."""
     import nanite_compile
     from nanite_compile import NaniteConfig
     from nanite_compile.baselines import BASELINES, use_baseline
@@ -97,12 +98,13 @@ def run_one(name: str, budget: float | None, model, ids, ranges, calib_ids, tile
     from nanite_compile.kernels.ops import recording
 
     n = ids.shape[1]
+    tile, window, anchors = tiling
     extra: dict = {}
     if name == "original":
         ppl = perplexity(model, ids, ranges)
         return ppl, 1.0, extra
     if name in ("nanite", "nanite-cal"):
-        cfg = NaniteConfig(budget=budget, tile=tile)
+        cfg = NaniteConfig(budget=budget, tile=tile, window=window, anchors=anchors)
         t = time.perf_counter()
         if name == "nanite":
             conv = nanite_compile.convert(model, config=cfg)
@@ -185,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     # the tile a conversion picks for this model's heads (32 for SmolLM2's 9 / 3), shared
     # by the baselines so that every method reads whole tiles of the same size
     mc = model.config
-    tile = NaniteConfig(tile=args.tile).tiling(
-        mc.num_attention_heads, getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads)[0]
+    tiling = NaniteConfig(tile=args.tile).tiling(
+        mc.num_attention_heads, getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads)
+    tile = tiling[0]
     meta = {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)",
         "text": args.text, "tokens": args.tokens, "offset": args.offset,
         "calibration": f"{args.calibration_text}, first {args.calibration_tokens} tokens",
-        "tile": tile, "threads": torch.get_num_threads(),
+        "tile": tile, "near field": tiling[1], "anchors": tiling[2],
+        "threads": torch.get_num_threads(),
         "commit": git_state(Path(__file__).resolve().parents[1]),
         "torch": torch.__version__,
     }
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for name, budget in runs:
         t = time.perf_counter()
-        ppl, ratio, extra = run_one(name, budget, model, ids, ranges, calib, tile)
+        ppl, ratio, extra = run_one(name, budget, model, ids, ranges, calib, tiling)
         row = {"method": name, "budget": budget, "reads_ratio": ratio, "ppl": ppl.to_dict(),
                "seconds": round(time.perf_counter() - t, 1), **extra}
         rows.append(row)

@@ -63,7 +63,10 @@ AUTO_TILE = 32  # sites with at least AUTO_MIN_GROUP query heads per KV head
 AUTO_TILE_FEW_HEADS = 64  # the others (MHA: one query head per KV head)
 AUTO_MIN_GROUP = 3
 AUTO_NEAR_TOKENS = 128
-AUTO_ANCHOR_TOKENS = 64
+# anchors: 32 tokens' worth, at least one tile. SmolLM2, tile 32, [4k, 8k) at 0.25 / 0.1:
+# one anchor tile x1.053 / x1.177 on Hamlet and x1.083 / x1.236 on Othello against two
+# tiles' x1.051 / x1.198 and x1.084 / x1.270 (BENCHMARKS.md, "The fixed part")
+AUTO_ANCHOR_TOKENS = 32
 # near field and anchors (in tiles) when the tile is set and they are not
 DEFAULT_WINDOW_TILES = 4
 DEFAULT_ANCHOR_TILES = 2
@@ -88,8 +91,8 @@ class NaniteConfig:
             EXACT. None: 4 tiles; where the tile is chosen per site, 128 tokens'
             worth (4 tiles of 32, 2 of 64).
         anchors: number of leading "attention sink" tiles ``a``, always EXACT.
-            None: 2 tiles; where the tile is chosen per site, 64 tokens' worth
-            (2 tiles of 32, 1 of 64).
+            None: 2 tiles; where the tile is chosen per site, 32 tokens' worth
+            and at least one tile (1 tile of 32 or of 64).
         horizon: most tiles (beyond near field and anchors) a query sees at a
             POOL/EXACT level; older tiles go to the recurrent STATE. ``None``
             lets the budget decide.
@@ -140,11 +143,12 @@ class NaniteConfig:
 
     budget: float = 0.25
     budget_reads: int | None = None
-    # None: `tiling` picks them per site. Tile 32 with a near field of 4 tiles and 2
-    # anchor tiles (the same 128 / 64 tokens as tile 64 with 2 and 1): the level table gets
-    # a row per 32 queries, estimated from the 32 before it. SmolLM2 (3 query heads per KV
-    # head), 8192 tokens of Hamlet, [4k, 8k) perplexity against the original: budget 0.25
-    # x1.051 (tile 64: x1.074; sinks + window: x1.071), budget 0.1 x1.198 (x1.214); the
+    # None: `tiling` picks them per site. Tile 32 with a near field of 4 tiles and 1
+    # anchor tile (128 / 32 tokens; tile 64: 2 and 1): the level table gets a row per 32
+    # queries, estimated from the 32 before it. SmolLM2 (3 query heads per KV head), 8192
+    # tokens of Hamlet, [4k, 8k) perplexity against the original: budget 0.25 x1.053
+    # (2 anchor tiles x1.051; tile 64: x1.074; sinks + window: x1.071), budget 0.1 x1.177
+    # (2 anchor tiles x1.198; tile 64 x1.214); the
     # CPU op takes 1.3-1.7x tile 64's time there. With 1 or 2 query heads per KV head the
     # flash blocks of G*T queries are short and the gathered K/V serve fewer heads: at
     # tile 32 the op was slower than SDPA at budget 0.25 (8 / 8 heads, 8k-32k: x0.71-0.82),
