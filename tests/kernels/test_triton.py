@@ -13,10 +13,9 @@ in the kernel's dtype, plus a few ulps of the output's size.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from triton_marks import CUDA, DEV, TRITON_MARKS
 
 from nanite_compile.kernels import ops, triton_attn
 from nanite_compile.kernels.levels import (
@@ -33,16 +32,7 @@ from nanite_compile.kernels.reference import (
     tiled_attention_from_levels,
 )
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-pytestmark = [
-    pytest.mark.skipif(not triton_attn.available(), reason="triton is not installed"),
-    pytest.mark.skipif(
-        not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-        reason="no CUDA, and triton was imported before TRITON_INTERPRET=1 could be set "
-        "(run the kernel tests as their own pytest process, or set it in the environment)",
-    ),
-]
+pytestmark = TRITON_MARKS
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 

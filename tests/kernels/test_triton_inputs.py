@@ -13,10 +13,10 @@ within 4x that of the PyTorch computation in fp32, plus a few ulps.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from triton_marks import DEV, TRITON_MARKS
 
 from nanite_compile.kernels import levels, triton_attn, triton_mass, triton_pyramid, triton_state
 from nanite_compile.kernels.levels import TileParams, tile_importance
@@ -27,16 +27,7 @@ from nanite_compile.kernels.reference import (
     tiled_attention,
 )
 
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-pytestmark = [
-    pytest.mark.skipif(not triton_attn.available(), reason="triton is not installed"),
-    pytest.mark.skipif(
-        not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-        reason="no CUDA, and triton was imported before TRITON_INTERPRET=1 could be set "
-        "(run the kernel tests as their own pytest process, or set it in the environment)",
-    ),
-]
+pytestmark = TRITON_MARKS
 
 
 # ---------------------------------------------------------------------------
