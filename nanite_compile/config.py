@@ -224,8 +224,8 @@ class NaniteConfig:
 
         Values set in the config are kept; None ones are chosen: the tile from the
         query heads per KV head (32 with 3 or more, else 64; 32 when the counts are
-        unknown or symbolic), then the near field as 128 tokens and the anchors as 64
-        tokens of that tile; with a tile set, 4 and 2 tiles.
+        unknown or symbolic), then the near field as 128 tokens and the anchors as 32
+        tokens of that tile (at least one tile each); with a tile set, 4 and 2 tiles.
         """
         tile = self.tile
         if tile is None:
