@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .levels import EXACT, NONE, STATE
-from .reference import _check_query_keep, _log_features, pool_levels, tile_layout
+from .reference import _check_query_keep, _log_features, pool_levels, state_tiles, tile_layout
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -251,16 +251,8 @@ def tiled_attention_cpu(
 
     state = None
     if bool((rows_lv == STATE).any()):
-        kt_s = kc.reshape(b, hkv, mk, T, d)
-        vt_s = vc.reshape(b, hkv, mk, T, dv)
-        wt = valid.reshape(b, 1, mk, T, 1)
         proj = feature_proj.to(cd)
-        lk = _log_features(kt_s, proj, scale)  # [B,Hkv,mk,T,F]
-        lk = lk.masked_fill(~wt, -math.inf)
-        ck = lk.amax(dim=(2, 3, 4), keepdim=True).clamp_min(-1e30)
-        phik = torch.exp(lk - ck)
-        s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt_s)
-        z_tile = phik.sum(3)
+        s_tile, z_tile, ck = state_tiles(kc, vc, valid, proj, scale, T)
         s_row, z_row = _state_rows(rows_lv, s_tile, z_tile)  # [B,Hkv,nr,F,Dv], [B,Hkv,nr,F]
         state = (proj, ck.reshape(b, hkv, 1, 1, 1), s_row, z_row)
 

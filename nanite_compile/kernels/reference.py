@@ -89,6 +89,34 @@ def _log_features(x: torch.Tensor, proj: torch.Tensor, scale: float) -> torch.Te
     return u.reshape(*shape[:-1], f)
 
 
+def state_tiles(kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor, proj: torch.Tensor,
+                scale: float, tile: int):
+    """Per key tile ``S_t = sum phi(k) v^T`` ``[B, Hkv, mk, F, Dv]`` and ``z_t = sum phi(k)``
+    ``[B, Hkv, mk, F]`` with ``phi = exp(log phi - c)``, and the stabiliser ``c [B, Hkv]``
+    (the largest ``log phi`` of the batch row and KV head, at least -1e30); padding keys
+    add nothing. ``kc``, ``vc``: ``[B, Hkv, mk*T, .]``; ``proj``: ``[Hkv, D, F]``."""
+    b, hkv, n, d = kc.shape
+    mk = n // tile
+    kt = kc.reshape(b, hkv, mk, tile, d)
+    vt = vc.reshape(b, hkv, mk, tile, vc.shape[-1])
+    lk = _log_features(kt, proj, scale)  # [B,Hkv,mk,T,F]
+    lk = lk.masked_fill(~valid.reshape(b, 1, mk, tile, 1), -math.inf)
+    ck = lk.amax(dim=(2, 3, 4)).clamp_min(-1e30)
+    phik = torch.exp(lk - ck[:, :, None, None, None])
+    return torch.einsum("bhitf,bhitd->bhifd", phik, vt), phik.sum(3), ck
+
+
+def pad_to(x: torch.Tensor, n: int, dim: int = -2, value=0.0) -> torch.Tensor:
+    """``x`` padded at the end of ``dim`` to length ``n``, or ``x`` itself when it is that
+    long (F.pad copies even a zero pad: at 16k tokens q, k and v were 60 MB of fresh
+    memory per call). Callers never write into the result."""
+    extra = n - x.shape[dim]
+    if extra <= 0:
+        return x
+    pads = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [0, extra]
+    return F.pad(x, pads, value=value)
+
+
 def pool_levels(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, top: int,
                 masked: bool = True):
     """Keys and values averaged over ``2**l`` consecutive positions, ``l = 0 .. top``.
@@ -206,11 +234,8 @@ def tile_layout(q, k, v, key_valid, tile):
     qpad_front = q0 - jq0 * T
     qpad = mq * T - nq - qpad_front
     valid = torch.ones(b, nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
-    # padded only where a pad is needed (F.pad copies even a zero pad: at 16k tokens the
-    # three copies were 60 MB of fresh memory per call); nothing writes into kc, vc, qc
-    valid = F.pad(valid, (0, npad - nk), value=False) if npad > nk else valid
-    kc = F.pad(k.to(cd), (0, 0, 0, npad - nk)) if npad > nk else k.to(cd)
-    vc = F.pad(v.to(cd), (0, 0, 0, npad - nk)) if npad > nk else v.to(cd)
+    valid = pad_to(valid, npad, dim=-1, value=False)
+    kc, vc = pad_to(k.to(cd), npad), pad_to(v.to(cd), npad)
     qc = F.pad(q.to(cd), (0, 0, qpad_front, qpad)) if qpad_front or qpad else q.to(cd)
     qc = qc.reshape(b, hkv, G, mq, T, d).permute(0, 1, 3, 2, 4, 5)
     return cd, b, h, nq, d, hkv, nk, dv, G, T, mk, jq0, mq, qpad_front, valid, kc, vc, qc
@@ -282,16 +307,13 @@ def tiled_attention_from_levels(
         vt = vc.reshape(b, hkv, mk, T, dv)
         wt = valid.reshape(b, 1, mk, T, 1).to(cd)
         if state_phi is None:
-            lk = _log_features(kt, feature_proj.to(cd), scale)  # [B,Hkv,mk,T,F]
-            lk = torch.where(wt > 0, lk, torch.full_like(lk, -math.inf))
-            ck = lk.amax(dim=(2, 3, 4), keepdim=True).clamp_min(-1e30)
-            phik = torch.exp(lk - ck)
+            s_tile, z_tile, ck = state_tiles(kc, vc, valid, feature_proj.to(cd), scale, T)
             ck = ck.reshape(b, hkv, 1, 1)
         else:
             phik = state_phi(kt) * wt
             ck = None
-        s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt)  # [B,Hkv,mk,F,Dv]
-        z_tile = phik.sum(3)  # [B,Hkv,mk,F]
+            s_tile = torch.einsum("bhitf,bhitd->bhifd", phik, vt)  # [B,Hkv,mk,F,Dv]
+            z_tile = phik.sum(3)  # [B,Hkv,mk,F]
         smask = (lv == STATE).to(cd)  # [B,Hkv,mq,mk]
         s_row = torch.einsum("bhji,bhifd->bhjfd", smask, s_tile)
         z_row = torch.einsum("bhji,bhif->bhjf", smask, z_tile)
@@ -436,10 +458,8 @@ def tiled_attention(
     mk = -(-nk // T)
     npad = mk * T
     valid = torch.ones(b, nk, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
-    validp = F.pad(valid, (0, npad - nk), value=False)
-    kc = k.to(_compute_dtype(q))
-    if npad > nk:  # F.pad copies even when there is nothing to pad
-        kc = F.pad(kc, (0, 0, 0, npad - nk))
+    validp = pad_to(valid, npad, dim=-1, value=False)
+    kc = pad_to(k.to(_compute_dtype(q)), npad)
     jq0 = (nk - nq) // T
     q_tiles = torch.arange(jq0, mk, device=q.device)
     tile_valid = validp.reshape(b, mk, T).any(-1)

@@ -27,22 +27,18 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
-from ._triton import next_pow2
+from ._triton import next_pow2, tl, triton
 from .cpu import _state_rows
 from .levels import EXACT, NONE, STATE
-from .reference import _entry_index, _stage
+from .reference import _entry_index, _stage, pad_to
 from .triton_mass import tile_importance_triton as importance  # the level rule's estimate
 from .triton_pyramid import pyramid_triton
 from .triton_state import state_tiles_triton
 
-try:  # optional dependency: the op falls back to the PyTorch path without it
-    import triton
-    import triton.language as tl
+if triton is not None:  # optional dependency: the op falls back to PyTorch without it
     from triton.runtime.errors import OutOfResources as _OUT_OF_RESOURCES
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None
+else:  # pragma: no cover - exercised only where triton is missing
     _OUT_OF_RESOURCES = ()
 
 __all__ = ["available", "importance", "run", "supports", "tiled_attention_triton"]
@@ -336,9 +332,8 @@ def tiled_attention_triton(
         raise ValueError(f"levels must be {(b, hkv, mq, mk)}, got {tuple(levels.shape)}")
 
     valid = torch.ones(b, nk, dtype=torch.bool, device=dev) if key_valid is None else key_valid
-    valid = F.pad(valid, (0, npad - nk), value=False)
-    kc = F.pad(k.to(cd), (0, 0, 0, npad - nk))
-    vc = F.pad(v.to(cd), (0, 0, 0, npad - nk))
+    valid = pad_to(valid, npad, dim=-1, value=False)
+    kc, vc = pad_to(k.to(cd), npad), pad_to(v.to(cd), npad)
 
     lv = levels.to(torch.int64)
     rest = lv

@@ -12,18 +12,16 @@ within 4x that of the PyTorch computation in fp32, plus a few ulps.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from triton_marks import DEV, TRITON_MARKS
 
-from nanite_compile.kernels import levels, triton_attn, triton_mass, triton_pyramid, triton_state
+from nanite_compile.kernels import triton_attn, triton_mass, triton_pyramid, triton_state
 from nanite_compile.kernels.levels import TileParams, tile_importance
 from nanite_compile.kernels.reference import (
-    _log_features,
     _pyramid,
     random_features,
+    state_tiles,
     tiled_attention,
 )
 
@@ -116,7 +114,6 @@ def test_the_op_uses_the_kernel_where_triton_runs(monkeypatch):
     tiled_attention(q.cpu(), k.cpu(), v.cpu(), None, scale=0.25, is_causal=True,
                     params=params, stats=stats_p)
     assert torch.equal(stats_t["levels"].cpu(), stats_p["levels"])
-    assert levels.tile_importance is tile_importance  # the PyTorch estimate untouched
 
 
 # ---------------------------------------------------------------------------
@@ -163,18 +160,6 @@ def test_pyramid_kernel_rejects_a_bad_tile():
 # the state's per-tile sums
 
 
-def torch_tiles(kc, vc, valid, proj, scale, T):
-    """The sums as the PyTorch path forms them: every key's features in memory."""
-    b, hkv, n, d = kc.shape
-    mk = n // T
-    kt = kc.reshape(b, hkv, mk, T, d)
-    vt = vc.reshape(b, hkv, mk, T, vc.shape[-1])
-    lk = _log_features(kt, proj, scale).masked_fill(~valid.reshape(b, 1, mk, T, 1), -math.inf)
-    ck = lk.amax(dim=(2, 3, 4)).clamp_min(-1e30)
-    phik = torch.exp(lk - ck[:, :, None, None, None])
-    return torch.einsum("bhitf,bhitd->bhifd", phik, vt), phik.sum(3), ck
-
-
 @pytest.mark.parametrize("b, hkv, n, d, dv, f, tile, pad", [
     (1, 2, 128, 16, 16, 32, 16, None),
     (2, 3, 96, 24, 40, 20, 8, "left"),  # widths that are not powers of two, padding
@@ -193,8 +178,8 @@ def test_state_tiles_match_the_pytorch_sums(b, hkv, n, d, dv, f, tile, pad):
     s = d**-0.5
     out = triton_state.state_tiles_triton(k.to(DEV), v.to(DEV), valid.to(DEV), proj.to(DEV),
                                           s, tile)
-    gold = torch_tiles(k.double(), v.double(), valid, proj.double(), s, tile)
-    ref = torch_tiles(k, v, valid, proj, s, tile)
+    gold = state_tiles(k.double(), v.double(), valid, proj.double(), s, tile)
+    ref = state_tiles(k, v, valid, proj, s, tile)
     for o, gd, r in zip(out, gold, ref, strict=True):
         o = o.cpu()
         assert o.shape == gd.shape and o.dtype == torch.float32
