@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=int, default=defaults.window,
                     help="near field in tiles (default: 128 tokens, or 4 tiles of a set --tile)")
     ap.add_argument("--anchors", type=int, default=defaults.anchors,
-                    help="anchor tiles (default: 64 tokens, or 2 tiles of a set --tile)")
+                    help="anchor tiles (default: 32 tokens, at least one tile, or 2 tiles of a set --tile)")
     ap.add_argument("--max-level", type=int, default=defaults.max_level,
                     help=f"coarsest pooled level (default {defaults.max_level}; -1: every level)")
     ap.add_argument("--select", choices=SELECTS, default=defaults.select,

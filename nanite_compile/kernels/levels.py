@@ -241,6 +241,11 @@ def tile_importance(
     logn = logn[:, :, None, None, :]  # [B, 1, 1, 1, mk*E]
     mq = mk - (nk - nq) // T
     sel, row, last = sampled_queries(nq, nk, T, causal, stride, q.device)
+    if causal:
+        # ordered by the last tile each sample sees, a chunk's samples see nearly the same
+        # columns: only the band between its smallest and largest last tile needs a mask
+        order = torch.argsort(last, stable=True)
+        sel, row, last = sel[order], row[order], last[order]
     q = q.index_select(2, sel)
     nq = int(q.shape[2])
     qtile = row
@@ -248,7 +253,6 @@ def tile_importance(
     # mass per (row, mean key) first; the mean keys of a tile are summed once at the end
     # (a reduction over a size-E innermost dim per sampled query was a third of the time)
     out = torch.zeros(b, hkv, mq, mk * E, dtype=f32, device=q.device)
-    etile = torch.arange(mk * E, device=q.device) // E  # key tile of each mean key
     mean_t = (mean * scale).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, mk*E]
     # every query sees tile 0: when each batch row has a valid key there, no softmax row is
     # all -inf and the NaN scrub (a tenth of the estimate's time at 16k) can be skipped
@@ -261,12 +265,16 @@ def tile_importance(
     for s0 in range(0, nq, step):
         s1 = min(nq, s0 + step)
         cols = mk * E
-        bias = logn  # [B, 1, 1, 1, mk*E]; under causality -inf past each query's last tile
         if causal:
-            cols = (int(last_host[s0:s1].max()) + 1) * E
-            see = etile[None, :cols] <= last[s0:s1][:, None]  # [c, cols]
-            bias = logn[..., :cols].masked_fill(~see, -math.inf)  # [B, 1, 1, c, cols]
-        sc = torch.matmul(qg[:, :, :, s0:s1], mean_t[..., :cols]).add_(bias)  # [B,Hkv,G,c,cols]
+            lo, hi = int(last_host[s0]), int(last_host[s1 - 1])  # sorted: min and max
+            cols = (hi + 1) * E
+            sc = torch.matmul(qg[:, :, :, s0:s1], mean_t[..., :cols]).add_(logn[..., :cols])
+            if hi > lo:  # columns of tiles lo+1..hi are past some samples' last tile
+                band = torch.arange((lo + 1) * E, cols, device=q.device) // E
+                past = band[None, :] > last[s0:s1][:, None]  # [c, band]
+                sc[..., (lo + 1) * E:].masked_fill_(past, -math.inf)
+        else:
+            sc = torch.matmul(qg[:, :, :, s0:s1], mean_t).add_(logn)  # [B, Hkv, G, c, cols]
         p = torch.softmax(sc, dim=-1)
         if scrub:
             p = p.nan_to_num_(0.0)
