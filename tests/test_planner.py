@@ -62,6 +62,41 @@ def test_importance_is_a_distribution_over_visible_tiles():
     assert float(imp[..., own_or_later].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("causal,nq,chunk_bytes", [
+    (True, 100, 64 * 2**20), (True, 100, 1), (True, 37, 1), (False, 60, 1)])
+def test_importance_matches_its_definition(causal, nq, chunk_bytes):
+    """Each sampled query's softmax over the mean keys of the tiles it may see (log-count
+    bias), summed per tile and averaged into its row: written out query by query. A
+    chunk of one tile's samples (chunk_bytes=1) masks only its band of columns."""
+    from nanite_compile.kernels.levels import _group_means, sampled_queries
+
+    g = torch.Generator().manual_seed(5)
+    n, T, d, h, hkv, E, stride = 100, 8, 8, 4, 2, 4, 2
+    mk = -(-n // T)
+    q = torch.randn(2, h, nq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(2, hkv, mk * T, d, generator=g, dtype=torch.float64)
+    valid = (torch.arange(mk * T) < n).expand(2, -1).clone()
+    valid[1, 3:11] = False  # padding keys inside tiles 0 and 1 of one batch row
+    got = tile_importance(q, k, valid, T, 0.3, causal, n, chunk_bytes=chunk_bytes,
+                          stride=stride, means=E)
+    mean, logn, _ = _group_means(k, valid, T, E)
+    sel, row, last = sampled_queries(nq, n, T, causal, stride, q.device)
+    mq = mk - (n - nq) // T
+    want = torch.zeros(2, hkv, mq, mk, dtype=torch.float64)
+    count = torch.zeros(mq)
+    for s, r, lt in zip(sel.tolist(), row.tolist(), last.tolist(), strict=True):
+        cols = (lt + 1) * E if causal else mk * E
+        count[r] += h // hkv
+        for bi in range(2):
+            for hq in range(h):
+                kv = hq // (h // hkv)
+                logit = mean[bi, kv, :cols].double() @ q[bi, hq, s] * 0.3 + logn[bi, 0, :cols]
+                p = torch.softmax(logit, 0).nan_to_num(0.0)
+                want[bi, kv, r, :cols // E] += p.reshape(-1, E).sum(-1)
+    want = want / count.clamp_min(1)[None, None, :, None]
+    assert torch.allclose(got.double(), want, atol=1e-5), float((got - want).abs().max())
+
+
 def test_importance_finds_the_planted_tile():
     """The tile holding the key a query copies gets the largest mass among middle tiles."""
     g = torch.Generator().manual_seed(3)
