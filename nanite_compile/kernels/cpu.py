@@ -46,32 +46,57 @@ def supports(q: torch.Tensor, v: torch.Tensor, window: int | None) -> bool:
             and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
 
-def _state_rows(lv: torch.Tensor, s_tile: torch.Tensor, z_tile: torch.Tensor):
-    """Per query tile sums of the STATE tiles' ``phi(k)^T v`` and ``phi(k)``.
+class _StateRows:
+    """Per query tile sums of the STATE tiles' ``phi(k)^T v`` and ``phi(k)``, taken for
+    a range of rows at a time (`rows`): ``S_j [B, Hkv, rows, F, Dv]``, ``z_j``.
 
-    Uses prefix sums when every row's STATE tiles form one contiguous run.
+    When every row's STATE tiles form one contiguous run (they do under the run-time
+    rule) a row's sums are a difference of two prefix sums over tiles, gathered for the
+    rows asked for only: the rows' sums are never all in memory at once (at 64k tokens
+    that is ``[B, Hkv, 2048, F, Dv]``, 100 MB, and three temporaries of that size).
+    Otherwise a masked sum over tiles.
     """
-    smask = lv == STATE  # [B, Hkv, mq, mk]
-    mk = smask.shape[-1]
-    idx = torch.arange(mk, device=lv.device)
-    cnt = smask.sum(-1)
-    lo = torch.where(smask, idx, mk).amin(-1)
-    hi = torch.where(smask, idx + 1, 0).amax(-1)
-    if bool((cnt == (hi - lo).clamp_min(0)).all()):
-        b, h, _, f, d = s_tile.shape
-        cs = F.pad(s_tile.cumsum(2), (0, 0, 0, 0, 1, 0))  # [B, Hkv, mk+1, F, D]
-        cz = F.pad(z_tile.cumsum(2), (0, 0, 1, 0))  # [B, Hkv, mk+1, F]
-        lo_c = torch.where(cnt > 0, lo, 0)
-        hi_c = torch.where(cnt > 0, hi, 0)
+
+    def __init__(self, lv: torch.Tensor, s_tile: torch.Tensor, z_tile: torch.Tensor):
+        smask = lv == STATE  # [B, Hkv, mq, mk]
+        mk = smask.shape[-1]
+        idx = torch.arange(mk, device=lv.device)
+        cnt = smask.sum(-1)
+        lo = torch.where(smask, idx, mk).amin(-1)
+        hi = torch.where(smask, idx + 1, 0).amax(-1)
+        self.runs = bool((cnt == (hi - lo).clamp_min(0)).all())
+        if self.runs:
+            b, h, _, f, d = s_tile.shape
+            # prefix sums with a zero row in front, written in place of a padded copy
+            self.cs = s_tile.new_empty(b, h, mk + 1, f, d)
+            self.cs[:, :, 0].zero_()
+            torch.cumsum(s_tile, 2, out=self.cs[:, :, 1:])
+            self.cz = z_tile.new_empty(b, h, mk + 1, f)
+            self.cz[:, :, 0].zero_()
+            torch.cumsum(z_tile, 2, out=self.cz[:, :, 1:])
+            self.lo = torch.where(cnt > 0, lo, 0)
+            self.hi = torch.where(cnt > 0, hi, 0)
+        else:
+            self.m = smask.to(s_tile.dtype)
+            self.s_tile, self.z_tile = s_tile, z_tile
+
+    def rows(self, r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.runs:
+            m = self.m[:, :, r0:r1]
+            return (torch.einsum("bhji,bhifd->bhjfd", m, self.s_tile),
+                    torch.einsum("bhji,bhif->bhjf", m, self.z_tile))
+        hi, lo = self.hi[:, :, r0:r1], self.lo[:, :, r0:r1]
 
         def take(c, i):
-            return c.gather(2, i.reshape(b, h, -1, *([1] * (c.dim() - 3))).expand(
+            return c.gather(2, i.reshape(*i.shape, *([1] * (c.dim() - 3))).expand(
                 -1, -1, -1, *c.shape[3:]))
 
-        return take(cs, hi_c) - take(cs, lo_c), take(cz, hi_c) - take(cz, lo_c)
-    m = smask.to(s_tile.dtype)
-    return (torch.einsum("bhji,bhifd->bhjfd", m, s_tile),
-            torch.einsum("bhji,bhif->bhjf", m, z_tile))
+        return take(self.cs, hi) - take(self.cs, lo), take(self.cz, hi) - take(self.cz, lo)
+
+
+def _state_rows(lv: torch.Tensor, s_tile: torch.Tensor, z_tile: torch.Tensor):
+    """Every row's `_StateRows` sums at once (the Triton kernel reads them all)."""
+    return _StateRows(lv, s_tile, z_tile).rows(0, lv.shape[2])
 
 
 _WORKSPACE = threading.local()
@@ -308,8 +333,7 @@ def tiled_attention_cpu(
     if bool((rows_lv == STATE).any()):
         proj = feature_proj.to(cd)
         s_tile, z_tile, ck = state_tiles(kc, vc, valid, proj, scale, T)
-        s_row, z_row = _state_rows(rows_lv, s_tile, z_tile)  # [B,Hkv,nr,F,Dv], [B,Hkv,nr,F]
-        state = (proj, ck.reshape(b, hkv, 1, 1, 1), s_row, z_row)
+        state = (proj, ck.reshape(b, hkv, 1, 1, 1), _StateRows(rows_lv, s_tile, z_tile))
 
     # the result in its final layout; each chunk's rows are written into it once
     res = torch.empty(b, h, mq_real * T, dv, dtype=cd, device=dev)
@@ -403,8 +427,8 @@ def tiled_attention_cpu(
 
         num_s = den_s = m_s = None
         if state is not None:
-            proj, ck, s_row, z_row = state
-            s_c, z_c = s_row[:, :, c0:c1], z_row[:, :, c0:c1]
+            proj, ck, sums = state
+            s_c, z_c = sums.rows(c0, c1)  # [B,Hkv,n_c,F,Dv], [B,Hkv,n_c,F]
             lq = _log_features(qr, proj, scale) + ck  # [B,Hkv,n_c,QB,F]
             has_s = (z_c > 0).any(-1)[..., None]  # [B,Hkv,n_c,1]
             m_s = torch.where(has_s, lq.amax(-1), torch.full_like(lq[..., 0], -math.inf))

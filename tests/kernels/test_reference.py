@@ -492,18 +492,25 @@ def test_tile_of_equal_keys_pooled_is_exact(pad, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("nq, pad", [(300, None), (237, "left")])
-def test_chunking_does_not_change_the_result(impl, nq, pad):
+@pytest.mark.parametrize("nq, pad, runs", [(300, None, False), (237, "left", False),
+                                           (300, None, True), (237, "left", True)])
+def test_chunking_does_not_change_the_result(impl, nq, pad, runs):
     """Processing query tiles in chunks (bounded scratch) gives the same output: bit for
     bit in the reference; to rounding in the CPU path, whose chunks are trimmed to their
     own longest entry list (the flash kernel's blocks then fall differently). Also with
     fewer queries than keys, starting inside a tile, and key padding (the CPU path
-    writes each chunk's rows into the output's layout)."""
+    writes each chunk's rows into the output's layout). ``runs``: each row's STATE
+    tiles one contiguous run, as the run-time rule makes them (the CPU path then takes
+    each chunk's state sums from prefix sums)."""
     q, k, v = qkv(2, 4, 2, 300, 16, 16, seed=9)
     q = q[:, :, 300 - nq:]
     valid = None if pad is None else key_padding(2, 300, pad)
     m = -(-300 // 16)
     lv = random_table(2, 2, m, True, [EXACT, 1, 3, STATE, NONE], seed=4)
+    if runs:  # tiles 1 .. j/2 of row j folded, nothing else
+        lv = lv.masked_fill(lv == STATE, 1)
+        j, i = torch.arange(m)[:, None], torch.arange(m)[None, :]
+        lv = lv.masked_fill((i >= 1) & (i <= j // 2) & (i < j), STATE)
     lv = lv[:, :, (300 - nq) // 16:]  # the rows of the query tiles
     proj = random_features(16, 16, 2, seed=0, device="cpu", dtype=torch.float32)
     kw = {"scale": 0.25, "causal": True, "tile": 16, "feature_proj": proj, "key_valid": valid}
@@ -511,6 +518,9 @@ def test_chunking_does_not_change_the_result(impl, nq, pad):
     chunked = run(impl, q, k, v, lv, chunk_bytes=1, **kw)  # one query tile a chunk
     tol = 0 if impl == "reference" else 4 * torch.finfo(q.dtype).eps
     torch.testing.assert_close(chunked, whole, rtol=tol, atol=tol)
+    if impl == "cpu":  # and the same as the reference arithmetic
+        torch.testing.assert_close(chunked, run("reference", q, k, v, lv, **kw),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_prf_state_is_unbiased():
