@@ -256,15 +256,6 @@ def static_levels(schedule: DecodeSchedule, n_tokens: int, n_query: int | None =
 # ------------------------------------------------------------------ state pieces
 
 
-def _tile_state(k, v, valid, proj, scale):
-    """``(S, z, c)`` of tokens ``k, v [B, Hkv, n, D]`` with ``valid [B, n]``: keys' log features shifted by c."""
-    lk = _log_features(k, proj, scale)  # [B, Hkv, n, F]
-    lk = lk.masked_fill(~valid[:, None, :, None], -math.inf)
-    c = lk.amax(dim=(2, 3)).clamp_min(-1e30)  # [B, Hkv]
-    phik = torch.exp(lk - c[:, :, None, None])
-    return torch.einsum("bhnf,bhnd->bhfd", phik, v), phik.sum(2), c
-
-
 def _merge(acc, part):
     """Sum of two ``(S, z, c)`` on a common shift."""
     if acc is None:
@@ -275,6 +266,16 @@ def _merge(acc, part):
     a1, a2 = torch.exp(c1 - c), torch.exp(c2 - c)
     return (s1 * a1[..., None, None] + s2 * a2[..., None, None],
             z1 * a1[..., None] + z2 * a2[..., None], c)
+
+
+def _merge_many(parts, idx: list[int]):
+    """`_merge` of the tiles ``idx`` of per-tile ``(S, z, c)`` (``[B, Hkv, m, ...]``) at once."""
+    s, z, c = parts
+    sel = torch.tensor(idx, device=c.device)
+    s, z, c = s.index_select(2, sel), z.index_select(2, sel), c.index_select(2, sel)
+    top = c.amax(2)  # [B, Hkv]
+    a = torch.exp(c - top[..., None])
+    return (s * a[..., None, None]).sum(2), (z * a[..., None]).sum(2), top
 
 
 def _pool(k, v, cnt, factor):
@@ -419,14 +420,21 @@ class NaniteLayer(CacheLayerMixin):
         return self.proj
 
     def _state_part(self, k, v, valid):
-        cd = self._proj(k).dtype
-        return _tile_state(k.to(cd), v.to(cd), valid, self.proj, self.scale)
+        """``(S, z, c)`` of one tile's tokens ``k, v [B, Hkv, T, D]``."""
+        return tuple(x.squeeze(2) for x in self._tile_states(k, v, valid))
 
     def _block(self, i: int) -> int:
         return (i - self.schedule.anchors) // self.schedule.fold_block
 
     def _build(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> None:
-        """The compressed cache of a prompt ``k, v [B, Hkv, N, D]``."""
+        """The compressed cache of a prompt ``k, v [B, Hkv, N, D]``.
+
+        Every tile between the anchors and the near field at once: their states in one
+        pass (`_tile_states`), summed into the state or their block's accumulator, and
+        their summaries pooled one run of equal level at a time (levels only grow with
+        age), not one tile at a time (at 8192 tokens and tile 32 that was 250 tiles of
+        small ops per layer, about 190 ms).
+        """
         sc = self.schedule
         T, a = sc.tile, sc.anchors
         n = k.shape[2]
@@ -435,29 +443,54 @@ class NaniteLayer(CacheLayerMixin):
         n_anchor = min(a, near0) * T
         cnt = valid.to(torch.float32)
         ks, vs, cs = [k[:, :, :n_anchor]], [v[:, :, :n_anchor]], [cnt[:, :n_anchor]]
-        band = []
-        use_state = sc.state_features > 0
-        for i in range(a, near0):
-            sl = slice(i * T, (i + 1) * T)
-            if use_state:
-                part = self._state_part(k[:, :, sl], v[:, :, sl], valid[:, sl])
-                if sc.folded(i, j):
+        tiles = list(range(a, near0))
+        folded = [sc.folded(i, j) for i in tiles]
+        if sc.state_features > 0 and tiles:
+            sl = slice(a * T, near0 * T)
+            parts = self._tile_states(k[:, :, sl], v[:, :, sl], valid[:, sl])  # per tile
+            groups: dict[int | None, list[int]] = {}  # None: the state; else a block
+            for t, (i, f) in enumerate(zip(tiles, folded, strict=True)):
+                groups.setdefault(None if f else self._block(i), []).append(t)
+            for key, idx in groups.items():
+                part = _merge_many(parts, idx)
+                if key is None:
                     self.state = _merge(self.state, part)
-                    continue
-                b = self._block(i)
-                self.pending[b] = _merge(self.pending.get(b), part)
-            lv = sc.level(i, j)
+                else:
+                    self.pending[key] = _merge(self.pending.get(key), part)
+        band = [(i, sc.level(i, j)) for i, f in zip(tiles, folded, strict=True) if not f]
+        t0 = 0
+        while t0 < len(band):  # runs of consecutive tiles at one level
+            t1 = t0
+            while t1 + 1 < len(band) and band[t1 + 1] == (band[t1][0] + 1, band[t0][1]):
+                t1 += 1
+            lv = band[t0][1]
+            sl = slice(band[t0][0] * T, (band[t1][0] + 1) * T)
             pk, pv, pc = _pool(k[:, :, sl], v[:, :, sl], cnt[:, sl], 1 << lv)
             ks.append(pk)
             vs.append(pv)
             cs.append(pc)
-            band.append((i, lv))
+            t0 = t1 + 1
         ks.append(k[:, :, near0 * T:])
         vs.append(v[:, :, near0 * T:])
         cs.append(cnt[:, near0 * T:])
         self.keys, self.values, self.count = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(cs, 1)
         self.n_anchor, self.band_tiles, self.near0, self.seen = n_anchor, band, near0, n
         self._check()
+
+    def _tile_states(self, k, v, valid):
+        """``(S, z, c)`` of every tile of ``k, v [B, Hkv, m*T, D]`` (``valid [B, m*T]``):
+        ``S = sum phi(k) v^T [B, Hkv, m, F, Dv]``, ``z = sum phi(k) [B, Hkv, m, F]``, with
+        the keys' log features shifted by each tile's own maximum ``c [B, Hkv, m]``."""
+        cd = self._proj(k).dtype
+        T = self.schedule.tile
+        b, h, n, d = k.shape
+        m = n // T
+        lk = _log_features(k.to(cd), self.proj, self.scale)  # [B, Hkv, n, F]
+        lk = lk.masked_fill(~valid[:, None, :, None], -math.inf).reshape(b, h, m, T, -1)
+        c = lk.amax(dim=(3, 4)).clamp_min(-1e30)  # [B, Hkv, m]
+        phik = torch.exp(lk - c[..., None, None])
+        vt = v.to(cd).reshape(b, h, m, T, -1)
+        return torch.einsum("bhmtf,bhmtd->bhmfd", phik, vt), phik.sum(3), c
 
     def _age(self, j: int) -> None:
         """Tile ``j`` starts: the tile leaving the near field enters the band, every band tile
@@ -469,22 +502,24 @@ class NaniteLayer(CacheLayerMixin):
         off = head
         ks, vs, cs = [self.keys[:, :, :head]], [self.values[:, :, :head]], [self.count[:, :head]]
         band = []
+        run = None  # (first entry, entries, old level, new level) of tiles pooled alike
         for i, lv in self.band_tiles:
             ln = T >> lv
-            sl = slice(off, off + ln)
-            off += ln
             if sc.folded(i, j):
                 b = self._block(i)
                 if b in self.pending:
                     self.state = _merge(self.state, self.pending.pop(b))
+                off += ln
                 continue
             new = sc.level(i, j)
-            pk, pv, pc = _pool(self.keys[:, :, sl], self.values[:, :, sl], self.count[:, sl],
-                               1 << (new - lv))
-            ks.append(pk)
-            vs.append(pv)
-            cs.append(pc)
             band.append((i, new))
+            if run is not None and run[0] + run[1] == off and run[2:] == (lv, new):
+                run = (run[0], run[1] + ln, lv, new)
+            else:
+                self._pool_run(run, ks, vs, cs)
+                run = (off, ln, lv, new)
+            off += ln
+        self._pool_run(run, ks, vs, cs)
         near_k, near_v, near_c = self.keys[:, :, off:], self.values[:, :, off:], self.count[:, off:]
         if leaving >= 0:
             tk, tv, tc = near_k[:, :, :T], near_v[:, :, :T], near_c[:, :T]
@@ -515,6 +550,18 @@ class NaniteLayer(CacheLayerMixin):
         cs.append(near_c)
         self.keys, self.values, self.count = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(cs, 1)
         self.band_tiles = band
+
+    def _pool_run(self, run, ks, vs, cs) -> None:
+        """Append the entries ``run = (first, length, level, new level)`` of the cache,
+        pooled from their level to the new one (one call for a run of tiles)."""
+        if run is None:
+            return
+        sl = slice(run[0], run[0] + run[1])
+        pk, pv, pc = _pool(self.keys[:, :, sl], self.values[:, :, sl], self.count[:, sl],
+                           1 << (run[3] - run[2]))
+        ks.append(pk)
+        vs.append(pv)
+        cs.append(pc)
 
     def _check(self) -> None:
         want = self.schedule.compressed_length(self.seen)
