@@ -97,6 +97,77 @@ def test_importance_matches_its_definition(causal, nq, chunk_bytes):
     assert torch.allclose(got.double(), want, atol=1e-5), float((got - want).abs().max())
 
 
+@pytest.mark.parametrize("nq, pad", [(400, False), (150, True)])
+def test_coarse_to_fine_keeping_every_group_is_the_full_estimate(nq, pad):
+    """With a share that keeps every group, the coarse-to-fine estimate is the full one."""
+    from nanite_compile.kernels.levels import tile_importance_coarse_to_fine
+
+    g = torch.Generator().manual_seed(8)
+    n, T = 400, 8
+    mk = n // T
+    q = torch.randn(2, 4, nq, 16, generator=g)
+    k = torch.randn(2, 2, n, 16, generator=g)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    if pad:
+        valid[1, :13] = False
+    full = tile_importance(q, k, valid, T, 0.3, True, n, stride=2)
+    mq = full.shape[2]
+    c2f = tile_importance_coarse_to_fine(q, k, valid, T, 0.3, n, torch.ones(mq), group=3,
+                                         stride=2, chunk_bytes=2**12)
+    assert c2f.shape == (2, 2, mq, mk)
+    torch.testing.assert_close(c2f, full, rtol=1e-5, atol=1e-6)
+
+
+def test_coarse_to_fine_keeps_what_the_row_looks_for_and_is_causal():
+    """A small share keeps few groups, among them the one holding the key the queries
+    copy; the rest get 0. Row j depends on no key at or after its tile."""
+    from nanite_compile.kernels.levels import tile_importance_coarse_to_fine
+
+    g = torch.Generator().manual_seed(3)
+    n, d, T, S = 1024, 16, 16, 4  # 64 tiles, 16 groups
+    q = torch.randn(1, 1, n, d, generator=g) * 0.2
+    k = torch.randn(1, 1, n, d, generator=g) * 0.2
+    k[0, 0, 300, 0] = 2.0  # one loud key in tile 18 (group 4) ...
+    q[0, 0, 900:, 0] = 3.0  # ... that the last tiles' queries look for
+    valid = torch.ones(1, n, dtype=torch.bool)
+    share = torch.full((n // T,), 0.1)
+    est = tile_importance_coarse_to_fine(q, k, valid, T, d**-0.5, n, share, group=S, stride=4)
+    last = est[0, 0, -1]
+    kept_groups = (last.reshape(-1, S) > 0).any(-1).nonzero().squeeze(-1).tolist()
+    # group 0, the two most recent groups, and ceil(2 * 0.1 * 15) = 3 ranked ones
+    assert 300 // (T * S) in kept_groups and 0 in kept_groups and len(kept_groups) <= 6
+    assert int(last[1:60].argmax()) + 1 == 300 // T
+    assert float(last.sum()) == pytest.approx(1.0, abs=1e-5)
+    j = 42  # perturb every key from tile j on and every query after tile j's first
+    k2, q2 = k.clone(), q.clone()
+    k2[:, :, j * T:] = torch.randn(1, 1, n - j * T, d, generator=g)
+    q2[:, :, j * T + 1:] = torch.randn(1, 1, n - j * T - 1, d, generator=g)
+    est2 = tile_importance_coarse_to_fine(q2, k2, valid, T, d**-0.5, n, share, group=S,
+                                          stride=4)
+    assert torch.equal(est[..., :j + 1, :], est2[..., :j + 1, :])
+
+
+def test_the_op_uses_the_coarse_to_fine_estimate_where_it_pays(monkeypatch):
+    """Long causal input and few reads a query: the coarse-to-fine estimate; a budget that
+    keeps a large share: the full one (its fine pass would cost more)."""
+    from nanite_compile.kernels import reference
+
+    calls = []
+    real = reference.tile_importance_coarse_to_fine
+    monkeypatch.setattr(reference, "tile_importance_coarse_to_fine",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(reference, "COARSE_GROUP_TOKENS", 128)  # groups of 4 tiles
+    g = torch.Generator().manual_seed(0)
+    n = 8192  # 64 reads a query: the rows score 12% of the tiles they see
+    q, k, v = (torch.randn(1, h, n, 16, generator=g) for h in (2, 1, 1))
+    reads = params(tile=32, budget=1.0, budget_reads=64)
+    out = tiled_attention(q, k, v, None, scale=0.25, is_causal=True, params=reads, fast=cpu)
+    assert len(calls) == 1 and bool(torch.isfinite(out).all())
+    tiled_attention(q, k, v, None, scale=0.25, is_causal=True, params=params(0.25, tile=32),
+                    fast=cpu)
+    assert len(calls) == 1
+
+
 def test_importance_finds_the_planted_tile():
     """The tile holding the key a query copies gets the largest mass among middle tiles."""
     g = torch.Generator().manual_seed(3)

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .levels import (
+    COARSE_GROUP_TOKENS,
+    COARSE_KEEP,
+    COARSE_MAX_KEPT,
     ESTIMATE_SAMPLES,
     EXACT,
     NONE,
@@ -28,9 +31,11 @@ from .levels import (
     TileParams,
     build_levels,
     build_query_selection,
+    coarse_kept_share,
     query_tile_mass,
     tile_density,
     tile_importance,
+    tile_importance_coarse_to_fine,
 )
 from .masks import BLOCKED_BELOW, read_mask
 
@@ -373,6 +378,15 @@ def tiled_attention_from_levels(
     return untile(out, b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)
 
 
+def _row_share(params: TileParams, q_tiles: torch.Tensor, T: int) -> torch.Tensor:
+    """The share of the keys before it each query tile may read: the budget, or
+    ``budget_reads`` over the tokens before the tile (at most 1)."""
+    if params.budget_reads is None:
+        return torch.full(q_tiles.shape, float(params.budget), device=q_tiles.device)
+    before = (q_tiles * T).clamp_min(1).to(torch.float32)
+    return (float(params.budget_reads) / before).clamp(max=1.0)
+
+
 def tiled_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -465,7 +479,20 @@ def tiled_attention(
     tile_valid = validp.reshape(b, mk, T).any(-1)
     query_keep = None
     per_query = params.select == "query"
-    key = (T, causal, "query" if per_query else params.sharpness > 0)
+    # the mass estimate scores only the groups of tiles a coarse pass keeps for each row
+    # when the input is long enough for that to pay (the Triton path's own estimate, a
+    # kernel, scores every tile): it then depends on the budget
+    group = max(1, COARSE_GROUP_TOKENS // T)
+    fast_estimate = getattr(fast, "importance", None) is not None and fast.supports(q, v, window)
+    coarse = (not per_query and params.sharpness > 0 and not fast_estimate and causal
+              and nq > 1 and window is None
+              and (params.budget < 1.0 or params.budget_reads is not None))
+    share = None
+    if coarse:
+        share = _row_share(params, q_tiles, T)
+        coarse = coarse_kept_share(share, q_tiles, group, COARSE_KEEP) <= COARSE_MAX_KEPT
+    key = (T, causal, "query" if per_query else params.sharpness > 0,
+           (params.budget, params.budget_reads) if coarse else None)
     if reuse is not None and key in reuse:
         density, importance = reuse[key]
     else:
@@ -480,12 +507,16 @@ def tiled_attention(
                 # 8 sampled queries per tile: within 2% of scoring all 64 on SmolLM2 at 8k.
                 # A fast path with its own estimate (the Triton kernel: one launch instead
                 # of a chain of small ops) computes it where that path runs
-                estimate = tile_importance
-                if getattr(fast, "importance", None) is not None and fast.supports(q, v, window):
-                    estimate = fast.importance
-                importance = estimate(q, kc, validp, T, scale, causal, nk,
-                                      chunk_bytes=max(chunk_bytes // 4, 2**20),
-                                      stride=max(1, T // ESTIMATE_SAMPLES))
+                stride = max(1, T // ESTIMATE_SAMPLES)
+                if coarse:
+                    importance = tile_importance_coarse_to_fine(
+                        q, kc, validp, T, scale, nk, share,
+                        group=group, keep=COARSE_KEEP, chunk_bytes=max(chunk_bytes // 4, 2**20),
+                        stride=stride)
+                else:
+                    estimate = fast.importance if fast_estimate else tile_importance
+                    importance = estimate(q, kc, validp, T, scale, causal, nk,
+                                          chunk_bytes=max(chunk_bytes // 4, 2**20), stride=stride)
         if reuse is not None:
             reuse[key] = (density, importance)
     with _stage("nanite.levels"):

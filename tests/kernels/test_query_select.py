@@ -257,7 +257,7 @@ def test_the_cost_models_reuse_keeps_the_per_query_estimate():
         again = tiled_attention(q, k, v, None, scale=0.3, is_causal=True, params=p, fast=cpu,
                                 reuse=reuse)
         assert torch.equal(fresh, again)
-    assert list(reuse) == [(16, True, "query")]
+    assert list(reuse) == [(16, True, "query", None)]
     row = tiled_attention(q, k, v, None, scale=0.3, is_causal=True, reuse=reuse, fast=cpu,
                           params=TileParams(tile=16, window=2, anchors=1, horizon=None,
                                             budget=0.3, budget_reads=None, state_features=0))
