@@ -352,7 +352,7 @@ def _losses(monkeypatch, uniform, planned):
 
 def test_plan_check_rejects_a_plan_that_raises_the_loss(monkeypatch):
     model = tiny_llama()
-    cfg = NaniteConfig(tile=16, budget=0.3)
+    cfg = NaniteConfig(tile=16, window=2, anchors=1, budget=0.3)  # feasible at 384 tokens
     calib = [ids(384, 1)]
     _losses(monkeypatch, 1.0, 1.5)
     conv = nanite_compile.convert(model, config=cfg, calibration=calib)
@@ -372,7 +372,8 @@ def test_plan_check_rejects_a_plan_that_raises_the_loss(monkeypatch):
 def test_plan_check_keeps_a_plan_that_lowers_the_loss(monkeypatch):
     model = tiny_llama()
     _losses(monkeypatch, 1.5, 1.0)
-    conv = nanite_compile.convert(model, config=NaniteConfig(tile=16, budget=0.3),
+    conv = nanite_compile.convert(model, config=NaniteConfig(tile=16, window=2, anchors=1,
+                                                             budget=0.3),
                                   calibration=[ids(384, 1)])
     state = conv.__dict__["_nanite_state"]
     assert state.plan is not None
@@ -474,6 +475,26 @@ def test_candidates_are_labelled_with_the_share_they_spend():
     for b, r in zip(curve.budgets, curve.reads, strict=True):
         assert b >= r / curve.exact_reads - 1e-3
     assert curve.budgets[0] > 0.05  # near field + anchor + summaries cost more than 5% here
+
+
+def test_a_budget_below_what_calibration_can_spend_keeps_the_uniform_plan():
+    """At 96 calibration tokens every row must read its near field and anchor (most of
+    what it sees), so no plan meets budget 0.1 there; the cost model would label its
+    cheapest candidates with the share they spent and the model would then read that
+    share at every length. Instead every site keeps the budget (and spends it on a long
+    input), and the report says why."""
+    model = tiny_llama(1)
+    cfg = NaniteConfig(tile=16, window=2, anchors=1, budget=0.1, plan_check=False)
+    conv = nanite_compile.convert(model, config=cfg, calibration=[ids(96, 4)])
+    state = conv.__dict__["_nanite_state"]
+    rep = nanite_compile.report(conv)
+    assert state.plan is None
+    assert any("cost model: not used" in n and "calibrate on longer" in n for n in rep.notes)
+    assert all("calibration_error" not in s.plan for s in rep.sites)
+    uniform = nanite_compile.convert(model, config=cfg)
+    x = ids(480, 5)
+    with torch.no_grad():  # runs exactly as the uncalibrated conversion
+        torch.testing.assert_close(conv(x).logits, uniform(x).logits, rtol=0, atol=0)
 
 
 def test_budget_reads_skips_the_cost_model():
