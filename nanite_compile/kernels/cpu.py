@@ -66,14 +66,7 @@ class _StateRows:
         hi = torch.where(smask, idx + 1, 0).amax(-1)
         self.runs = bool((cnt == (hi - lo).clamp_min(0)).all())
         if self.runs:
-            b, h, _, f, d = s_tile.shape
-            # prefix sums with a zero row in front, written in place of a padded copy
-            self.cs = s_tile.new_empty(b, h, mk + 1, f, d)
-            self.cs[:, :, 0].zero_()
-            torch.cumsum(s_tile, 2, out=self.cs[:, :, 1:])
-            self.cz = z_tile.new_empty(b, h, mk + 1, f)
-            self.cz[:, :, 0].zero_()
-            torch.cumsum(z_tile, 2, out=self.cz[:, :, 1:])
+            self.cs, self.cz = _prefix_sums(s_tile), _prefix_sums(z_tile)
             self.lo = torch.where(cnt > 0, lo, 0)
             self.hi = torch.where(cnt > 0, hi, 0)
         else:
@@ -92,6 +85,27 @@ class _StateRows:
                 -1, -1, -1, *c.shape[3:]))
 
         return take(self.cs, hi) - take(self.cs, lo), take(self.cz, hi) - take(self.cz, lo)
+
+
+def _prefix_sums(x: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """Sums over tiles ``x [B, H, m, ...]`` up to each tile, with a zero row in front:
+    ``[B, H, m + 1, ...]``. Within blocks of ``block`` tiles by one product with a lower
+    triangle, then the blocks' carries: PyTorch's CPU cumsum over a middle dim took 2.5x
+    as long (64k tokens, ``[1, 3, 2048, 64, 64]``: 168 ms against 68)."""
+    b, h, m = x.shape[:3]
+    rest = x.shape[3:]
+    nb = -(-m // block)
+    v = x.reshape(b * h, m, -1)
+    if nb * block != m:
+        v = F.pad(v, (0, 0, 0, nb * block - m))
+    tri = torch.ones(block, block, dtype=x.dtype, device=x.device).tril()
+    w = torch.matmul(tri, v.reshape(b * h, nb, block, -1))  # prefix sums inside each block
+    w[:, 1:] += w[:, :, -1].cumsum(1)[:, :-1, None]  # plus the blocks before
+    out = x.new_empty(b, h, m + 1, *rest)
+    flat = out.view(b * h, m + 1, -1)
+    flat[:, 0].zero_()
+    flat[:, 1:].copy_(w.reshape(b * h, nb * block, -1)[:, :m])
+    return out
 
 
 def _state_rows(lv: torch.Tensor, s_tile: torch.Tensor, z_tile: torch.Tensor):

@@ -930,3 +930,12 @@ def test_tiles_wanting_less_than_one_read_are_dropped_lowest_mass_first():
             d, kk = dropped[0, h, r], kept[0, h, r]
             if d.any() and kk.any():
                 assert float(imp[0, h, r][d].max()) <= float(imp[0, h, r][kk].min()) + 1e-12
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 37, 5, 4), (1, 1, 1, 3), (1, 2, 16, 8), (2, 1, 33, 2)])
+def test_prefix_sums_over_tiles(shape):
+    """The CPU path's blocked prefix sums equal a cumulative sum with a zero row in front,
+    for tile counts that are and are not a multiple of the block."""
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = torch.cat([torch.zeros_like(x[:, :, :1]), x.cumsum(2)], 2)
+    torch.testing.assert_close(cpu._prefix_sums(x), want, rtol=0, atol=1e-12)
