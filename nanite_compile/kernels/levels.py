@@ -841,8 +841,18 @@ def _levels_by_bisection(base: torch.Tensor, kept: torch.Tensor, T: int, bl: tor
     """
     shape = base.shape
     mk = shape[-1]
-    keys = torch.where(kept, base, math.inf).reshape(-1, mk).sort(-1).values  # [rows, mk]
     budget = bl.expand(shape[:-1]).reshape(-1)
+    keys = torch.where(kept, base, math.inf).reshape(-1, mk)  # [rows, mk]
+    # a kept tile costs at least T >> R reads, so no row can afford more than
+    # `most` of them: only each row's `most + 1` smallest thresholds can change the
+    # answer (with that many at level <= R the reads are over any row's budget, as with
+    # all of them), and a top-k of them is far cheaper than sorting every row when few
+    # reads are allowed (64k tokens, 1024 reads a query: 52 ms against 236)
+    most = int(float(budget.max().clamp_min(0.0)) // (T * 2.0 ** -R)) + 1
+    if most < mk // 4:
+        keys = torch.topk(keys, most, dim=-1, largest=False, sorted=True).values
+    else:
+        keys = keys.sort(-1).values
     ls = torch.arange(R + 1, dtype=base.dtype, device=base.device)
     # reads per tile at level l relative to level 0: 2**-l; the count at level <= l
     # minus the count at level <= l - 1 is the number of tiles at exactly l

@@ -820,9 +820,11 @@ def test_exact_fallbacks_say_why():
 
 
 @pytest.mark.parametrize("sharpness", [0.0, 4.0])
-@pytest.mark.parametrize("budget", [0.08, 0.2, 0.45])
+@pytest.mark.parametrize("budget", [0.08, 0.2, 0.45, 40, 64])
 def test_level_solvers_agree(budget, sharpness):
-    """The exact sort-based solver (the GPU's) and the bisection (the CPU's) give one table."""
+    """The exact sort-based solver (the GPU's) and the bisection (the CPU's) give one table.
+    An int budget is reads a query, with pairs the coarsest level: few enough that the
+    bisection keeps only each row's smallest thresholds (a top-k, not a sort)."""
     g = torch.Generator().manual_seed(int(budget * 100) + int(sharpness))
     T, n, hkv = 16, 16 * 40 + 5, 3
     q = torch.randn(2, 6, n, 16, generator=g)
@@ -832,8 +834,10 @@ def test_level_solvers_agree(budget, sharpness):
     valid = torch.arange(mk * T) < n
     valid = valid.expand(2, -1).clone()
     valid[1, :37] = False  # left padding in one row
-    p = TileParams(tile=T, window=2, anchors=1, horizon=None, budget=budget,
-                   budget_reads=None, state_features=16, sharpness=sharpness)
+    reads = isinstance(budget, int)
+    p = TileParams(tile=T, window=2, anchors=1, horizon=None, budget=1.0 if reads else budget,
+                   budget_reads=budget if reads else None, state_features=16,
+                   sharpness=sharpness, max_level=1 if reads else None)
     imp = tile_importance(q, kc, valid, T, 0.25, True, n) if sharpness > 0 else None
     dens = tile_density(kc, valid, T)
     tables = [
