@@ -556,7 +556,7 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     if bar is not None:
         bar.close()
     ntok = sum(int(b.numel()) for b in batches)
-    if plan.realised > plan.budget * (1.0 + 1e-6):
+    if plan.floor > plan.budget * (1.0 + 1e-6):
         # even the cheapest candidates overshoot: at this calibration length the budget is
         # below what every site must read (near field, anchors, one summary or the state a
         # row), and a candidate is labelled with the share it spent, so the plan would
@@ -566,7 +566,7 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
         state.notes.append(
             f"cost model: not used, every site keeps budget {state.config.budget:g}: on these "
             f"calibration sequences ({ntok} tokens, the longest {max(b.shape[-1] for b in batches)}) "
-            f"the cheapest plan reads x{plan.realised:.3f} of the original, above the budget "
+            f"the cheapest plan reads x{plan.floor:.3f} of the original, above the budget "
             f"(the near field, anchors and summaries every row reads); calibrate on longer "
             f"sequences to plan this budget per site")
         return

@@ -81,6 +81,9 @@ class Plan:
     budget: float = 1.0
     reads: float = 0.0
     exact_reads: float = 0.0
+    # the share every site's cheapest candidate reads: above ``budget``, no plan of these
+    # samples meets it (their near field, anchors and summaries alone overshoot)
+    floor: float = 0.0
 
     @property
     def realised(self) -> float:
@@ -193,7 +196,8 @@ def allocate(curves: list[SiteCurve], budget: float, max_error: float | None = N
             fixed[c.site] = len(c.budgets) - 1
             reasons[c.site] = (f"error {c.errors[i]:.3f} at budget {c.budgets[i]:g} is above "
                                f"max_error {max_error:g}")
-    plan = Plan(budget=budget, exact_reads=total_exact)
+    plan = Plan(budget=budget, exact_reads=total_exact,
+                floor=sum(min(c.reads) for c in curves) / total_exact if total_exact else 0.0)
     used = sum(c.reads[i] for c, i in zip(curves, pick, strict=True))
     plan.reads = used
     for c, i in zip(curves, pick, strict=True):
