@@ -93,7 +93,7 @@ import torch.nn as nn
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.nanite.*)
 from .kernels.decode import CompressedKV, register
 from .kernels.levels import EXACT, NONE, STATE, TileParams
-from .kernels.reference import _log_features, random_features
+from .kernels.reference import random_features, state_tiles
 
 try:  # transformers is optional (the "hf" extra)
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -292,6 +292,19 @@ def _pool(k, v, cnt, factor):
     return ks / den, vs / den, c
 
 
+def _pool_runs(k, v, cnt, runs):
+    """`_pool` of the entries ``runs = [(first, length, factor), ...]`` (in order) of ``k,
+    v [B, Hkv, N, D]``, ``cnt [B, N]``: neighbouring runs with one factor are pooled by one
+    call (a prompt's or an aging cache's tiles, not one call a tile)."""
+    merged: list[list[int]] = []
+    for first, length, factor in runs:
+        if merged and merged[-1][0] + merged[-1][1] == first and merged[-1][2] == factor:
+            merged[-1][1] += length
+        else:
+            merged.append([first, length, factor])
+    return [_pool(k[:, :, a:a + n], v[:, :, a:a + n], cnt[:, a:a + n], f) for a, n, f in merged]
+
+
 # ------------------------------------------------------------------ the cache
 
 
@@ -458,18 +471,10 @@ class NaniteLayer(CacheLayerMixin):
                 else:
                     self.pending[key] = _merge(self.pending.get(key), part)
         band = [(i, sc.level(i, j)) for i, f in zip(tiles, folded, strict=True) if not f]
-        t0 = 0
-        while t0 < len(band):  # runs of consecutive tiles at one level
-            t1 = t0
-            while t1 + 1 < len(band) and band[t1 + 1] == (band[t1][0] + 1, band[t0][1]):
-                t1 += 1
-            lv = band[t0][1]
-            sl = slice(band[t0][0] * T, (band[t1][0] + 1) * T)
-            pk, pv, pc = _pool(k[:, :, sl], v[:, :, sl], cnt[:, sl], 1 << lv)
+        for pk, pv, pc in _pool_runs(k, v, cnt, [(i * T, T, 1 << lv) for i, lv in band]):
             ks.append(pk)
             vs.append(pv)
             cs.append(pc)
-            t0 = t1 + 1
         ks.append(k[:, :, near0 * T:])
         vs.append(v[:, :, near0 * T:])
         cs.append(cnt[:, near0 * T:])
@@ -479,18 +484,12 @@ class NaniteLayer(CacheLayerMixin):
 
     def _tile_states(self, k, v, valid):
         """``(S, z, c)`` of every tile of ``k, v [B, Hkv, m*T, D]`` (``valid [B, m*T]``):
-        ``S = sum phi(k) v^T [B, Hkv, m, F, Dv]``, ``z = sum phi(k) [B, Hkv, m, F]``, with
-        the keys' log features shifted by each tile's own maximum ``c [B, Hkv, m]``."""
+        the op's `state_tiles` (``S [B, Hkv, m, F, Dv]``, ``z [B, Hkv, m, F]``, one shift
+        for all of them), the shift repeated per tile ``c [B, Hkv, m]``."""
         cd = self._proj(k).dtype
-        T = self.schedule.tile
-        b, h, n, d = k.shape
-        m = n // T
-        lk = _log_features(k.to(cd), self.proj, self.scale)  # [B, Hkv, n, F]
-        lk = lk.masked_fill(~valid[:, None, :, None], -math.inf).reshape(b, h, m, T, -1)
-        c = lk.amax(dim=(3, 4)).clamp_min(-1e30)  # [B, Hkv, m]
-        phik = torch.exp(lk - c[..., None, None])
-        vt = v.to(cd).reshape(b, h, m, T, -1)
-        return torch.einsum("bhmtf,bhmtd->bhmfd", phik, vt), phik.sum(3), c
+        s, z, c = state_tiles(k.to(cd), v.to(cd), valid, self.proj, self.scale,
+                              self.schedule.tile)
+        return s, z, c[..., None].expand(-1, -1, s.shape[2])
 
     def _age(self, j: int) -> None:
         """Tile ``j`` starts: the tile leaving the near field enters the band, every band tile
@@ -501,25 +500,22 @@ class NaniteLayer(CacheLayerMixin):
         head = self.n_anchor
         off = head
         ks, vs, cs = [self.keys[:, :, :head]], [self.values[:, :, :head]], [self.count[:, :head]]
-        band = []
-        run = None  # (first entry, entries, old level, new level) of tiles pooled alike
+        band, runs = [], []  # runs: (first entry, entries, pooling factor) of kept tiles
         for i, lv in self.band_tiles:
             ln = T >> lv
             if sc.folded(i, j):
                 b = self._block(i)
                 if b in self.pending:
                     self.state = _merge(self.state, self.pending.pop(b))
-                off += ln
-                continue
-            new = sc.level(i, j)
-            band.append((i, new))
-            if run is not None and run[0] + run[1] == off and run[2:] == (lv, new):
-                run = (run[0], run[1] + ln, lv, new)
             else:
-                self._pool_run(run, ks, vs, cs)
-                run = (off, ln, lv, new)
+                new = sc.level(i, j)
+                band.append((i, new))
+                runs.append((off, ln, 1 << (new - lv)))
             off += ln
-        self._pool_run(run, ks, vs, cs)
+        for pk, pv, pc in _pool_runs(self.keys, self.values, self.count, runs):
+            ks.append(pk)
+            vs.append(pv)
+            cs.append(pc)
         near_k, near_v, near_c = self.keys[:, :, off:], self.values[:, :, off:], self.count[:, off:]
         if leaving >= 0:
             tk, tv, tc = near_k[:, :, :T], near_v[:, :, :T], near_c[:, :T]
@@ -550,18 +546,6 @@ class NaniteLayer(CacheLayerMixin):
         cs.append(near_c)
         self.keys, self.values, self.count = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(cs, 1)
         self.band_tiles = band
-
-    def _pool_run(self, run, ks, vs, cs) -> None:
-        """Append the entries ``run = (first, length, level, new level)`` of the cache,
-        pooled from their level to the new one (one call for a run of tiles)."""
-        if run is None:
-            return
-        sl = slice(run[0], run[0] + run[1])
-        pk, pv, pc = _pool(self.keys[:, :, sl], self.values[:, :, sl], self.count[:, sl],
-                           1 << (run[3] - run[2]))
-        ks.append(pk)
-        vs.append(pv)
-        cs.append(pc)
 
     def _check(self) -> None:
         want = self.schedule.compressed_length(self.seen)
