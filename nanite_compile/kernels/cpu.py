@@ -146,17 +146,6 @@ def _take_rows(bank: torch.Tensor, idx: torch.Tensor, slot: int) -> torch.Tensor
     return out.reshape(b, h, -1, d)
 
 
-def _tile_banks(kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor, tile: int, top: int,
-                masked: bool) -> dict:
-    """`pool_levels` ``0 .. top`` laid out one bank row per tile: level ``l`` as
-    ``bank_k [B, Hkv, mk, (T >> l) * D]``, the same for values, and log counts
-    ``[B, mk, T >> l]``, so a tile's entries are gathered as one contiguous block."""
-    b, h, n, _ = kc.shape
-    mk = n // tile
-    return {lvl: (km.reshape(b, h, mk, -1), vm.reshape(b, h, mk, -1), logc.reshape(b, mk, -1))
-            for lvl, km, vm, logc in pool_levels(kc, vc, valid, top, masked)}
-
-
 @dataclass
 class _Entries:
     """Every row's entries before its own tile as one packed list of units.
@@ -179,11 +168,13 @@ class _Entries:
     row_units: torch.Tensor
 
 
-def _unit_entries(rest: torch.Tensor, banks: dict, present: list[int], T: int) -> _Entries:
+def _unit_entries(rest: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor,
+                  present: list[int], T: int, masked: bool) -> _Entries:
     """`_Entries` for the table ``rest`` (a level per (row, tile); NONE and STATE read
-    nothing here). One list per row instead of one per level: a chunk of rows pads
-    each list to its longest, and per level the longest rows differ (at 16k tokens,
-    budget 0.1, the per-level lists computed 1.22x the real entries, one list 1.03x)."""
+    nothing here) over the keys ``kc``, ``vc`` pooled by `pool_levels`. One list per row
+    instead of one per level: a chunk of rows pads each list to its longest, and per
+    level the longest rows differ (at 16k tokens, budget 0.1, the per-level lists
+    computed 1.22x the real entries, one list 1.03x)."""
     b, hkv, nr, mk = rest.shape
     dev = rest.device
     top = present[-1]
@@ -191,13 +182,14 @@ def _unit_entries(rest: torch.Tensor, banks: dict, present: list[int], T: int) -
     per = torch.zeros(top + 3, dtype=torch.int64, device=dev)  # units per tile, by level + 2
     first = torch.zeros_like(per)  # the level's first unit in the stacked bank
     ks, vs, lcs, off = [], [], [], 0
-    for lvl in present:
-        n_u = 1 << (top - lvl)
+    for lvl, km, vm, logc in pool_levels(kc, vc, valid, top, masked):
+        if lvl not in present:
+            continue
+        n_u = 1 << (top - lvl)  # a tile's entries at this level, in units
         per[lvl + 2], first[lvl + 2] = n_u, off
-        bk, bv, blc = banks[lvl]
-        ks.append(bk.reshape(b, hkv, mk * n_u, -1))
-        vs.append(bv.reshape(b, hkv, mk * n_u, -1))
-        lcs.append(blc.reshape(b, mk * n_u, unit))
+        ks.append(km.reshape(b, hkv, mk * n_u, -1))
+        vs.append(vm.reshape(b, hkv, mk * n_u, -1))
+        lcs.append(logc.reshape(b, mk * n_u, unit))
         off += mk * n_u
     one = len(present) == 1
     bank_k = ks[0] if one else torch.cat(ks, 2)
@@ -340,8 +332,7 @@ def tiled_attention_cpu(
         if bool((rest >= 0).any()) else []
     entries = None
     if present:
-        entries = _unit_entries(rest, _tile_banks(kc, vc, valid, T, present[-1], key_valid is not None),
-                                present, T)
+        entries = _unit_entries(rest, kc, vc, valid, present, T, key_valid is not None)
 
     state = None
     if bool((rows_lv == STATE).any()):

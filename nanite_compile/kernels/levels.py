@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 EXACT = 0
 NONE = -1
@@ -100,6 +101,17 @@ class TileParams:
         (None: every level); a tile that wants fewer reads is dropped."""
         full = int(math.log2(self.tile))
         return full if self.max_level is None else max(0, min(full, int(self.max_level)))
+
+
+def pad_to(x: torch.Tensor, n: int, dim: int = -2, value=0.0) -> torch.Tensor:
+    """``x`` padded at the end of ``dim`` to length ``n``, or ``x`` itself when it is that
+    long (F.pad copies even a zero pad: at 16k tokens q, k and v were 60 MB of fresh
+    memory per call). Callers never write into the result."""
+    extra = n - x.shape[dim]
+    if extra <= 0:
+        return x
+    pads = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [0, extra]
+    return F.pad(x, pads, value=value)
 
 
 def tile_dispersion(x: torch.Tensor, valid: torch.Tensor, tile: int) -> torch.Tensor:
@@ -310,7 +322,7 @@ def _sampled_mass(q, sel, row, last, mean, logn, E, scale, causal, mq, scrub, ch
 
 
 def coarse_kept_share(share: torch.Tensor, q_tiles: torch.Tensor, group: int,
-                      keep: float = 2.0) -> float:
+                      keep: float = COARSE_KEEP) -> float:
     """The share of the visible tiles `tile_importance_coarse_to_fine` scores, summed over
     the rows ``q_tiles`` (absolute tile index; ``share [mq]`` as there): its ranked groups
     and the up to 3 it always keeps, against every earlier tile."""
@@ -331,7 +343,7 @@ def tile_importance_coarse_to_fine(
     share: torch.Tensor,
     *,
     group: int,
-    keep: float = 2.0,
+    keep: float = COARSE_KEEP,
     chunk_bytes: int = 64 * 2**20,
     stride: int = 1,
     means: int = 4,
@@ -346,9 +358,9 @@ def tile_importance_coarse_to_fine(
     recent whole group and the group its own tile opens. The fine estimate, a softmax
     over the kept groups' tiles only, is then exactly `tile_importance`'s on them; every
     other tile gets 0 (the level rule drops it or folds it into the state). On SmolLM2
-    (Hamlet 0..8192, tile 32, groups of 16 tiles, keep 2) the level tables it drives
-    score x1.180 on [4k, 8k) at budget 0.1 against x1.177 with the full estimate
-    (BENCHMARKS.md, "A coarse-to-fine mass estimate").
+    (Hamlet 0..8192, tile 32, groups of 16 tiles, keep 2, forced on) the level tables it
+    drives score x1.051 / x1.186 on [4k, 8k) at budget 0.25 / 0.1 against x1.053 /
+    x1.177 with the full estimate (BENCHMARKS.md, "A coarse-to-fine mass estimate").
 
     Args:
         q, k, key_valid, tile, scale, nk, stride, means: as `tile_importance`.
@@ -368,9 +380,8 @@ def tile_importance_coarse_to_fine(
     ng = -(-mk // S)
     dev = q.device
     f32 = torch.float32
-    pad = ng * S * T - n
-    kp = torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k
-    vp = torch.nn.functional.pad(key_valid, (0, pad), value=False) if pad else key_valid
+    kp = pad_to(k, ng * S * T)
+    vp = pad_to(key_valid, ng * S * T, dim=-1, value=False)
     mq = mk - (nk - nq) // T
     jq0 = mk - mq
     sel, row, last = sampled_queries(nq, nk, T, True, stride, dev)
@@ -404,8 +415,8 @@ def tile_importance_coarse_to_fine(
     # the fine pass: each row's samples against its kept groups' tiles
     fmean, flogn, E = _group_means(kp, vp, T, means)  # [B, Hkv, ng*S*E, D], [B, 1, ng*S*E]
     W = S * E  # mean keys per group
-    fmean = torch.cat([fmean.reshape(b, hkv, ng, W * d),
-                       fmean.new_zeros(b, hkv, 1, W * d)], 2)  # + the padding group
+    fmean = torch.cat([(fmean * scale).reshape(b, hkv, ng, W * d),
+                       fmean.new_zeros(b, hkv, 1, W * d)], 2)  # scaled, + the padding group
     flogn = torch.cat([flogn.reshape(b, ng, W), flogn.new_full((b, 1, W), -math.inf)], 1)
     # the samples of each row in slots (rows have up to `spr`; the rest are padding)
     order = torch.argsort(row, stable=True)
@@ -437,7 +448,7 @@ def tile_importance_coarse_to_fine(
         idx = table[r0:r1].clamp_min(0)  # [n_r, spr]
         qs = qf[:, :, :, idx]  # [B, Hkv, G, n_r, spr, D]
         qs = qs.permute(0, 1, 3, 2, 4, 5).reshape(b, hkv, n_r, G * spr, d)
-        sc = torch.matmul(qs, kk.transpose(-1, -2) * scale).add_(bias[:, :, :, None])
+        sc = torch.matmul(qs, kk.transpose(-1, -2)).add_(bias[:, :, :, None])
         p = torch.softmax(sc, dim=-1)
         if scrub:
             p = p.nan_to_num_(0.0)

@@ -32,6 +32,7 @@ from .levels import (
     build_levels,
     build_query_selection,
     coarse_kept_share,
+    pad_to,
     query_tile_mass,
     tile_density,
     tile_importance,
@@ -109,17 +110,6 @@ def state_tiles(kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor, proj: t
     ck = lk.amax(dim=(2, 3, 4)).clamp_min(-1e30)
     phik = torch.exp(lk - ck[:, :, None, None, None])
     return torch.einsum("bhitf,bhitd->bhifd", phik, vt), phik.sum(3), ck
-
-
-def pad_to(x: torch.Tensor, n: int, dim: int = -2, value=0.0) -> torch.Tensor:
-    """``x`` padded at the end of ``dim`` to length ``n``, or ``x`` itself when it is that
-    long (F.pad copies even a zero pad: at 16k tokens q, k and v were 60 MB of fresh
-    memory per call). Callers never write into the result."""
-    extra = n - x.shape[dim]
-    if extra <= 0:
-        return x
-    pads = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [0, extra]
-    return F.pad(x, pads, value=value)
 
 
 def pool_levels(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, top: int,
