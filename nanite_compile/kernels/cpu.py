@@ -169,24 +169,33 @@ class _Entries:
 
 
 def _unit_entries(rest: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor,
-                  present: list[int], T: int, masked: bool) -> _Entries:
+                  T: int, masked: bool) -> _Entries | None:
     """`_Entries` for the table ``rest`` (a level per (row, tile); NONE and STATE read
-    nothing here) over the keys ``kc``, ``vc`` pooled by `pool_levels`. One list per row
-    instead of one per level: a chunk of rows pads each list to its longest, and per
-    level the longest rows differ (at 16k tokens, budget 0.1, the per-level lists
-    computed 1.22x the real entries, one list 1.03x)."""
+    nothing here) over the keys ``kc``, ``vc`` pooled by `pool_levels`; None when no row
+    reads an entry. One list per row instead of one per level: a chunk of rows pads each
+    list to its longest, and per level the longest rows differ (at 16k tokens, budget
+    0.1, the per-level lists computed 1.22x the real entries, one list 1.03x).
+
+    Built from the table's read entries only (one scan for them): at few reads a query
+    the table is mostly NONE, and dense int64 passes over it (64k tokens: 3 x 2048 x
+    2048) cost more than the attention they set up."""
     b, hkv, nr, mk = rest.shape
     dev = rest.device
+    nz = (rest >= 0).nonzero(as_tuple=True)  # row-major: by (batch, head, row), then tile
+    if not nz[0].numel():
+        return None
+    lev = rest[nz].to(torch.int64)
+    present = torch.unique(lev).tolist()
     top = present[-1]
     unit = T >> top
-    per = torch.zeros(top + 3, dtype=torch.int64, device=dev)  # units per tile, by level + 2
+    per = torch.zeros(top + 1, dtype=torch.int64, device=dev)  # units per tile, by level
     first = torch.zeros_like(per)  # the level's first unit in the stacked bank
     ks, vs, lcs, off = [], [], [], 0
     for lvl, km, vm, logc in pool_levels(kc, vc, valid, top, masked):
         if lvl not in present:
             continue
         n_u = 1 << (top - lvl)  # a tile's entries at this level, in units
-        per[lvl + 2], first[lvl + 2] = n_u, off
+        per[lvl], first[lvl] = n_u, off
         ks.append(km.reshape(b, hkv, mk * n_u, -1))
         vs.append(vm.reshape(b, hkv, mk * n_u, -1))
         lcs.append(logc.reshape(b, mk * n_u, unit))
@@ -195,23 +204,23 @@ def _unit_entries(rest: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, valid:
     bank_k = ks[0] if one else torch.cat(ks, 2)
     bank_v = vs[0] if one else torch.cat(vs, 2)
     logc = lcs[0] if one else torch.cat(lcs, 1)
-    code = rest + 2
-    u = per[code]  # [B, Hkv, nr, mk] units each (row, tile) reads
-    units = u.sum(-1)
-    width = int(units.max())
-    pos = u.cumsum(-1) - u  # where a tile's units start in its row's list
-    nz = u.nonzero(as_tuple=True)
-    cnt = u[nz]
-    start = first[code[nz]] + nz[3] * cnt  # the tile's first unit in the stacked bank
+    cnt = per[lev]  # units each read (row, tile) takes
+    start = first[lev] + nz[3] * cnt  # the tile's first unit in the stacked bank
     row = (nz[0] * hkv + nz[1]) * nr + nz[2]
+    units = torch.zeros(b * hkv * nr, dtype=torch.int64, device=dev).index_add_(0, row, cnt)
+    # where a tile's units start in its row's list: units before it, less its row's start
+    before = cnt.cumsum(0) - cnt
+    pos = before - (units.cumsum(0) - units)[row]
+    width = int(units.max())
     if bool((cnt == 1).all()):  # one unit per tile: no expansion
-        unit_idx, slot, row_of = start, pos[nz], row
+        unit_idx, slot, row_of = start, pos, row
     else:
         which = torch.repeat_interleave(torch.arange(cnt.numel(), device=dev), cnt)
-        j = torch.arange(which.numel(), device=dev) - (cnt.cumsum(0) - cnt)[which]
-        unit_idx, slot, row_of = start[which] + j, pos[nz][which] + j, row[which]
+        j = torch.arange(which.numel(), device=dev) - before[which]
+        unit_idx, slot, row_of = start[which] + j, pos[which] + j, row[which]
     order = torch.zeros(b * hkv * nr, width, dtype=torch.int64, device=dev)
     order[row_of, slot] = unit_idx
+    units = units.reshape(b, hkv, nr)
     return _Entries(unit, bank_k, bank_v, logc, order.reshape(b, hkv, nr, width), units,
                     units.amax(dim=(0, 1)))
 
@@ -284,14 +293,12 @@ def tiled_attention_cpu(
     _check_query_keep(levels, query_keep)
     dev = q.device
 
-    lv = levels.to(torch.int64)
+    lv = levels  # int8: the table is only scanned here (a 64k-token table is 12 MB, not 100)
     mq_real = mq
     rest = lv
     R = 1  # query tiles per executed row
     if causal:
-        jj = torch.arange(mq, device=dev)
-        diag = (jq0 + jj)[None, None, :, None] == torch.arange(mk, device=dev)  # [1,1,mq,mk]
-        dl = lv.masked_select(diag.expand_as(lv))
+        dl = torch.diagonal(lv, offset=jq0, dim1=2, dim2=3)  # [B, Hkv, mq]: each row's own tile
         if not bool(((dl == EXACT) | ((dl == NONE) & (key_valid is not None))).all()):
             raise ValueError("the causal diagonal tile must be EXACT (or all padding)")
         paired = _pair_rows(lv, valid, qc, kc, vc, jq0, T) if query_keep is None else None
@@ -328,11 +335,7 @@ def tiled_attention_cpu(
         own_bias = torch.zeros(allow.shape, dtype=cd, device=dev).masked_fill_(~allow, -math.inf)
         own = (kt, vt, allow, own_bias)
 
-    present = [lvl for lvl in range(int(rest.max()) + 1) if bool((rest == lvl).any())] \
-        if bool((rest >= 0).any()) else []
-    entries = None
-    if present:
-        entries = _unit_entries(rest, kc, vc, valid, present, T, key_valid is not None)
+    entries = _unit_entries(rest, kc, vc, valid, T, key_valid is not None)
 
     state = None
     if bool((rows_lv == STATE).any()):

@@ -702,7 +702,9 @@ def build_levels(
         solver: how each row's multiplier is found (same tables up to ties at
             the 1e-9 level): ``"bisect"`` (36 halvings; cheapest on a CPU),
             ``"sort"`` (exact, from the sorted level thresholds; a few
-            launches, for a GPU), None: `default_solver`.
+            launches, for a GPU), ``"topk"`` (the bisection on each row's
+            best-estimated tiles only, never the whole table in float64; needs
+            ``importance``; for few reads a query), None: `default_solver`.
 
     Returns:
         ``[B, Hkv, mq, mk]`` int8 level table.
@@ -757,44 +759,46 @@ def build_levels(
     if params.horizon is not None:
         keep = keep.clamp(max=float(params.horizon))
     # rank middle tiles by distance: nearest first
-    if causal:
+    if not use_state and params.horizon is None:
+        order_rank = None  # every middle tile stays a candidate (keep = n_mid)
+    elif causal:
         # middle tiles all lie before the query tile: the nearer ones are the later ones
         order_rank = (mid.flip(-1).cumsum(-1).flip(-1) - mid.to(torch.int64)).to(torch.float64)
     else:
         big = mk + 1
         mdist = torch.where(mid, adist[None, None].expand_as(mid), big).to(torch.float64)
         order_rank = mdist.argsort(dim=-1).argsort(dim=-1).to(torch.float64)  # 0 = nearest
-    kept = mid & (order_rank < keep[..., None])
+    kept = mid if order_rank is None else mid & (order_rank < keep[..., None])
     folded = mid & ~kept
     has_state = folded.any(-1)  # [B, 1, mq]
     budget_left = (rem - has_state.to(torch.float64) * F).clamp_min(0.0)
 
     # refine kept tiles: desired reads ~ lambda * priority, one multiplier per row
-    if importance is None:
-        dens = density[:, :, None, :].to(torch.float64)  # [B, Hkv, 1, mk]
-        prio = (dens + 1e-3) / adist[None, None].clamp_min(1).to(torch.float64)
-    else:
-        imp = importance.to(torch.float64)
-        imp = imp / imp.amax(-1, keepdim=True).clamp_min(1e-300)
-        prio = imp.pow(params.sharpness) + 1e-30
     R = params.max_pool
-    # level of a kept tile at multiplier lam: ceil(log2(T / (lam * prio))) in [0, R];
-    # everything that does not depend on lam is computed once (the loop is launch-bound
-    # on a GPU and memory-bound on the CPU)
-    base = (math.log2(T) - torch.log2(prio)).expand(b, hkv, -1, -1)  # [B, Hkv, mq, mk]
-
     bl = budget_left.expand(b, hkv, -1)
-    if solver is None:
-        solver = default_solver(dev, base.numel(), R)
-    if solver == "sort":
-        lvl = _levels_by_sort(base, kept, T, bl, R)
-    elif solver == "bisect":
-        lvl = _levels_by_bisection(base, kept, T, bl, R)
-    else:
-        raise ValueError(f"solver must be 'sort', 'bisect' or None, got {solver!r}")
     kept_b = kept.expand(b, hkv, -1, -1)
-    lvl = torch.where(lvl > R, float(NONE), lvl)  # dropped: wants less than one read
-    levels = torch.where(kept_b, lvl.to(torch.int8), levels)
+    if solver is None:
+        solver = default_solver(dev, b * hkv * q_tiles.numel() * mk, R,
+                                few=importance is not None and _most_kept(bl, T, R) < mk // 4)
+    if solver == "topk":
+        if importance is None:
+            raise ValueError("solver 'topk' ranks tiles by the mass estimate: pass importance")
+        levels = _levels_by_topk(importance, kept_b, levels, T, bl, R, params.sharpness)
+    else:
+        if importance is None:
+            dens = density[:, :, None, :].to(torch.float64)  # [B, Hkv, 1, mk]
+            prio = (dens + 1e-3) / adist[None, None].clamp_min(1).to(torch.float64)
+            base = _threshold_base(prio, T).expand(b, hkv, -1, -1)
+        else:
+            base = _threshold_base(_mass_priority(importance, params.sharpness), T)
+        if solver == "sort":
+            lvl = _levels_by_sort(base, kept, T, bl, R)
+        elif solver == "bisect":
+            lvl = _levels_by_bisection(base, kept, T, bl, R)
+        else:
+            raise ValueError(f"solver must be 'sort', 'bisect', 'topk' or None, got {solver!r}")
+        lvl = torch.where(lvl > R, float(NONE), lvl)  # dropped: wants less than one read
+        levels = torch.where(kept_b, lvl.to(torch.int8), levels)
     # past the horizon without a state: one summary per tile, whatever max_level says
     levels = torch.where(folded.expand(b, hkv, -1, -1),
                          torch.tensor(STATE if use_state else int(math.log2(T)), dtype=torch.int8,
@@ -822,49 +826,48 @@ def _pair_firsts(q_tiles: torch.Tensor, params: TileParams, causal: bool,
 SORT_SOLVER_MAX_ELEMENTS = 2**24
 
 
-def default_solver(device: torch.device, numel: int, R: int) -> str:
+def default_solver(device: torch.device, numel: int, R: int, few: bool = False) -> str:
     """``"sort"`` on CUDA (a few launches instead of 36 steps) while its scratch stays
     small: ``numel * (R + 1)`` elements per tensor, ``numel`` the table's size; else
-    ``"bisect"`` (at tile 32 and 64k tokens the sort would need about 2.4 GB)."""
+    ``"topk"`` when ``few`` (the mass estimate is given and no row can keep a quarter of
+    the tiles: only the best-estimated ones are solved for), else ``"bisect"`` (at tile
+    32 and 64k tokens the sort would need about 2.4 GB)."""
     if device.type == "cuda" and numel * (R + 1) <= SORT_SOLVER_MAX_ELEMENTS:
         return "sort"
-    return "bisect"
+    return "topk" if few else "bisect"
 
 
-def _levels_by_bisection(base: torch.Tensor, kept: torch.Tensor, T: int, bl: torch.Tensor,
-                         R: int) -> torch.Tensor:
-    """Levels ``clamp(ceil(base - x), 0, R + 1)`` at the largest ``x = log2(lam)`` whose
-    reads fit ``bl``, per row, by bisection on ``x`` in [-87, 87].
+def _most_kept(budget: torch.Tensor, T: int, R: int) -> int:
+    """One more than the most kept tiles any row can afford: a kept tile costs at least
+    ``T >> R`` reads. Only a row's ``most`` smallest level thresholds can change its
+    answer (with that many at level ``<= R`` its reads are over its budget)."""
+    return int(float(budget.max().clamp_min(0.0)) // (T * 2.0 ** -R)) + 1
 
-    Level ``R + 1`` means dropped: the tile wants less than one read
-    (``lam * priority < 1``) and is not seen at all, so its summary read goes to
-    the tiles that take the attention (at budget 0.1 on SmolLM2 this took
-    perplexity on [4k, 8k) from x1.336 to x1.198; at 0.25 x1.056 to x1.055).
-    36 halvings leave 2.5e-9, far finer than the gaps between distinct level
-    thresholds of real inputs.
 
-    Only ``kept`` tiles count, each ``T * 2**-level`` reads, so a row's reads at
-    ``x`` only need how many of its kept tiles sit at each level, and a tile is at level
-    ``<= l`` exactly when ``base <= x + l``: each step is one ``searchsorted``
-    of ``R + 1`` points into the row's sorted ``base``, not a pass over the
-    whole ``[B, Hkv, mq, mk]`` table (the whole level rule at 16k tokens, tile 32,
-    budget 0.1: 111 ms -> 42 ms on the CPU, same tables on six shapes).
-    """
-    shape = base.shape
-    mk = shape[-1]
-    budget = bl.expand(shape[:-1]).reshape(-1)
-    keys = torch.where(kept, base, math.inf).reshape(-1, mk)  # [rows, mk]
-    # a kept tile costs at least T >> R reads, so no row can afford more than
-    # `most` of them: only each row's `most + 1` smallest thresholds can change the
-    # answer (with that many at level <= R the reads are over any row's budget, as with
-    # all of them), and a top-k of them is far cheaper than sorting every row when few
-    # reads are allowed (64k tokens, 1024 reads a query: 52 ms against 236)
-    most = int(float(budget.max().clamp_min(0.0)) // (T * 2.0 ** -R)) + 1
-    if most < mk // 4:
-        keys = torch.topk(keys, most, dim=-1, largest=False, sorted=True).values
-    else:
-        keys = keys.sort(-1).values
-    ls = torch.arange(R + 1, dtype=base.dtype, device=base.device)
+def _mass_priority(importance: torch.Tensor, sharpness: float,
+                   rowmax: torch.Tensor | None = None) -> torch.Tensor:
+    """A tile's priority from its estimated mass: ``(m / row max) ** sharpness`` in float64
+    (plus 1e-30, so a tile without mass has a finite threshold); ``importance`` may be a
+    row's selected entries when ``rowmax`` (its whole row's max) is given."""
+    imp = importance.to(torch.float64)
+    top = imp.amax(-1, keepdim=True) if rowmax is None else rowmax.to(torch.float64)
+    return (imp / top.clamp_min(1e-300)).pow(sharpness) + 1e-30
+
+
+def _threshold_base(prio: torch.Tensor, T: int) -> torch.Tensor:
+    """A kept tile's level at multiplier ``lam`` is ``ceil(log2(T / (lam * prio)))``:
+    ``ceil(base - log2(lam))`` with this ``base``, computed once (the solvers' loops are
+    launch-bound on a GPU and memory-bound on the CPU)."""
+    return math.log2(T) - torch.log2(prio)
+
+
+def _bisect_x(keys: torch.Tensor, budget: torch.Tensor, T: int, R: int) -> torch.Tensor:
+    """The largest ``x = log2(lam)`` in [-87, 87] (to 2.5e-9) at which the kept tiles of a
+    row, ``keys [rows, n]`` their level-0 thresholds sorted ascending (``inf``: not a
+    tile), fit ``budget [rows]``: a tile is at level ``<= l`` exactly when
+    ``base <= x + l``, so each step is one ``searchsorted`` of ``R + 1`` points into the
+    row, not a pass over the table."""
+    ls = torch.arange(R + 1, dtype=keys.dtype, device=keys.device)
     # reads per tile at level l relative to level 0: 2**-l; the count at level <= l
     # minus the count at level <= l - 1 is the number of tiles at exactly l
     rel = torch.exp2(-ls)
@@ -872,7 +875,7 @@ def _levels_by_bisection(base: torch.Tensor, kept: torch.Tensor, T: int, bl: tor
 
     def reads(x: torch.Tensor) -> torch.Tensor:
         c = torch.searchsorted(keys, x[:, None] + 1e-9 + ls, right=True)  # [rows, R + 1]
-        return (c.to(base.dtype) * rel).sum(-1) * T
+        return (c.to(keys.dtype) * rel).sum(-1) * T
 
     lo = torch.full_like(budget, -87.0)
     hi = torch.full_like(budget, 87.0)
@@ -881,8 +884,62 @@ def _levels_by_bisection(base: torch.Tensor, kept: torch.Tensor, T: int, bl: tor
         ok = reads(midv) <= budget
         lo = torch.where(ok, midv, lo)
         hi = torch.where(ok, hi, midv)
-    x = lo.reshape(shape[:-1])
+    return lo
+
+
+def _levels_by_bisection(base: torch.Tensor, kept: torch.Tensor, T: int, bl: torch.Tensor,
+                         R: int) -> torch.Tensor:
+    """Levels ``clamp(ceil(base - x), 0, R + 1)`` at the largest ``x = log2(lam)`` whose
+    reads fit ``bl``, per row, by bisection on ``x`` in [-87, 87] (`_bisect_x`).
+
+    Level ``R + 1`` means dropped: the tile wants less than one read
+    (``lam * priority < 1``) and is not seen at all, so its summary read goes to
+    the tiles that take the attention (at budget 0.1 on SmolLM2 this took
+    perplexity on [4k, 8k) from x1.336 to x1.198; at 0.25 x1.056 to x1.055).
+    36 halvings leave 2.5e-9, far finer than the gaps between distinct level
+    thresholds of real inputs. (The whole level rule at 16k tokens, tile 32, budget
+    0.1: 111 ms -> 42 ms on the CPU against a pass over the table per step.)
+    """
+    shape = base.shape
+    mk = shape[-1]
+    budget = bl.expand(shape[:-1]).reshape(-1)
+    keys = torch.where(kept, base, math.inf).reshape(-1, mk)  # [rows, mk]
+    # only each row's `most` smallest thresholds can change the answer, and a top-k of
+    # them is far cheaper than sorting every row when few reads are allowed (64k tokens,
+    # 1024 reads a query: 52 ms against 236)
+    most = _most_kept(budget, T, R)
+    if most < mk // 4:
+        keys = torch.topk(keys, most, dim=-1, largest=False, sorted=True).values
+    else:
+        keys = keys.sort(-1).values
+    x = _bisect_x(keys, budget, T, R).reshape(shape[:-1])
     return torch.ceil(base - x[..., None] - 1e-9).clamp_(0, R + 1)
+
+
+def _levels_by_topk(importance: torch.Tensor, kept: torch.Tensor, levels: torch.Tensor,
+                    T: int, bl: torch.Tensor, R: int, sharpness: float) -> torch.Tensor:
+    """`_levels_by_bisection`'s table without a float64 pass over it: each row's ``most``
+    (`_most_kept`) kept tiles of largest estimated mass are the only ones that can be
+    read (the rest have larger thresholds and the row cannot afford one more tile), so
+    their thresholds are computed, solved for and scattered into ``levels`` (the others
+    become NONE). Mass order is threshold order (the priority is increasing in the mass;
+    tiles it cannot tell apart are below 1e-30 and dropped either way). The whole level
+    rule at 64k tokens, tile 32, 1024 reads a query (random q/k, CPU, 2 threads): 0.59-0.76
+    s with the bisection over the table, 0.12-0.14 s this way; 16k at budget 0.1: 15-18 ms
+    against 11-12."""
+    b, hkv, mq, mk = levels.shape
+    budget = bl.reshape(-1)
+    most = _most_kept(budget, T, R)
+    score = importance.masked_fill(~kept, -1.0)  # masses are >= 0: other tiles rank last
+    val, idx = torch.topk(score, min(most, mk), dim=-1, largest=True, sorted=False)
+    live = val >= 0
+    base = _threshold_base(_mass_priority(val, sharpness, importance.amax(-1, keepdim=True)), T)
+    base = base.masked_fill(~live, math.inf)
+    x = _bisect_x(base.reshape(-1, base.shape[-1]).sort(-1).values, budget, T, R)
+    lvl = torch.ceil(base - x.reshape(b, hkv, mq, 1) - 1e-9).clamp_(0, R + 1)
+    lvl = torch.where(live & (lvl <= R), lvl, float(NONE)).to(torch.int8)
+    out = levels.masked_fill(kept, NONE)
+    return out.scatter_(-1, idx, torch.where(live, lvl, out.gather(-1, idx)))
 
 
 def _levels_by_sort(base: torch.Tensor, kept: torch.Tensor, T: int, bl: torch.Tensor,
