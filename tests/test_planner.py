@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import nanite_compile
 from nanite_compile import NaniteConfig, api, planner
 from nanite_compile.kernels import cpu, ops
-from nanite_compile.kernels.levels import TileParams, tile_importance
+from nanite_compile.kernels.levels import TileParams, build_levels, tile_importance
 from nanite_compile.kernels.reference import exact_attention, tiled_attention
 
 transformers = pytest.importorskip("transformers")
@@ -53,7 +53,7 @@ def test_importance_is_a_distribution_over_visible_tiles():
     mk = -(-200 // T)
     kp = torch.nn.functional.pad(k, (0, 0, 0, mk * T - 200))
     valid = torch.arange(mk * T) < 200
-    imp = tile_importance(q, kp, valid[None], T, 0.25, True, 200)
+    imp = tile_importance(q, kp, valid[None], T, 0.25, True, 200, dtype=torch.float32)
     assert imp.shape == (1, 2, mk, mk)
     # causal: row j is estimated by the queries of tile j - 1 (tokens before row j only)
     assert torch.allclose(imp[:, :, 1:].sum(-1), torch.ones(1, 2, mk - 1), atol=1e-5)
@@ -131,7 +131,8 @@ def test_coarse_to_fine_keeps_what_the_row_looks_for_and_is_causal():
     q[0, 0, 900:, 0] = 3.0  # ... that the last tiles' queries look for
     valid = torch.ones(1, n, dtype=torch.bool)
     share = torch.full((n // T,), 0.1)
-    est = tile_importance_coarse_to_fine(q, k, valid, T, d**-0.5, n, share, group=S, stride=4)
+    est = tile_importance_coarse_to_fine(q, k, valid, T, d**-0.5, n, share, group=S, stride=4,
+                                         dtype=torch.float32)
     last = est[0, 0, -1]
     kept_groups = (last.reshape(-1, S) > 0).any(-1).nonzero().squeeze(-1).tolist()
     # group 0, the two most recent groups, and ceil(2 * 0.1 * 15) = 3 ranked ones
@@ -143,7 +144,7 @@ def test_coarse_to_fine_keeps_what_the_row_looks_for_and_is_causal():
     k2[:, :, j * T:] = torch.randn(1, 1, n - j * T, d, generator=g)
     q2[:, :, j * T + 1:] = torch.randn(1, 1, n - j * T - 1, d, generator=g)
     est2 = tile_importance_coarse_to_fine(q2, k2, valid, T, d**-0.5, n, share, group=S,
-                                          stride=4)
+                                          stride=4, dtype=torch.float32)
     assert torch.equal(est[..., :j + 1, :], est2[..., :j + 1, :])
 
 
@@ -453,6 +454,35 @@ def test_bad_calibration_is_refused():
         NaniteConfig(sharpness=-2)
 
 
+def test_the_bf16_estimate_ranks_as_the_float32_one():
+    """Where the CPU multiplies bf16 natively the estimate scores in bf16 (`estimate_dtype`):
+    its masses stay within bf16 rounding of float32's, rows still sum to 1, and the level
+    tables they drive read the same exact tiles (and, with every pooled level, differ in
+    at most 1% of their entries: 4 of 1482 here); float64 inputs keep float32 scores."""
+    from nanite_compile.kernels.levels import estimate_dtype
+
+    q, k, v = retrieval_qkv(n=600)
+    T = 16
+    mk = -(-600 // T)
+    kp = torch.nn.functional.pad(k, (0, 0, 0, mk * T - 600))
+    valid = (torch.arange(mk * T) < 600)[None]
+    assert estimate_dtype(q.double()) == torch.float32
+    f32 = tile_importance(q, kp, valid, T, 0.25, True, 600, stride=4, dtype=torch.float32)
+    auto = tile_importance(q, kp, valid, T, 0.25, True, 600, stride=4)
+    assert float((auto - f32).abs().max()) < 4e-3
+    rows = auto[:, :, 1:].sum(-1)
+    assert torch.allclose(rows, torch.ones_like(rows), atol=2e-3)
+    kw = dict(causal=True, window=None, tile_valid=valid.reshape(1, mk, T).any(-1), nk=600)
+    visible = 2 * mk * (mk + 1) // 2  # (KV head, row, tile) entries a causal table fills
+    for level_cap, most_differ in ((1, 0), (None, 0.01)):  # the default cap; every level
+        p = TileParams(tile=T, window=2, anchors=1, horizon=None, budget=0.3,
+                       budget_reads=None, state_features=0, max_level=level_cap)
+        a = build_levels(None, torch.arange(mk), p, importance=auto, **kw)
+        b = build_levels(None, torch.arange(mk), p, importance=f32, **kw)
+        assert torch.equal(a == 0, b == 0)  # the same exact tiles
+        assert int((a != b).sum()) <= most_differ * visible
+
+
 def test_sampled_queries_estimate_the_same_mass():
     """Scoring every 8th query of a tile (and its last) estimates nearly the same mass."""
     q, k, v = retrieval_qkv(n=300)
@@ -460,13 +490,14 @@ def test_sampled_queries_estimate_the_same_mass():
     mk = -(-300 // T)
     kp = torch.nn.functional.pad(k, (0, 0, 0, mk * T - 300))
     valid = (torch.arange(mk * T) < 300)[None]
-    full = tile_importance(q, kp, valid, T, 0.25, True, 300)
-    some = tile_importance(q, kp, valid, T, 0.25, True, 300, stride=4)
+    f32 = torch.float32
+    full = tile_importance(q, kp, valid, T, 0.25, True, 300, dtype=f32)
+    some = tile_importance(q, kp, valid, T, 0.25, True, 300, stride=4, dtype=f32)
     rows = some[:, :, 1:].sum(-1)  # row 0 has no past to estimate from
     assert torch.allclose(rows, torch.ones_like(rows), atol=1e-5)
     assert float((some - full).abs().sum(-1).max()) < 0.35  # total variation per row
     # decode: one query still gets its row
-    one = tile_importance(q[:, :, -1:], kp, valid, T, 0.25, True, 300, stride=4)
+    one = tile_importance(q[:, :, -1:], kp, valid, T, 0.25, True, 300, stride=4, dtype=f32)
     assert one.shape == (1, 2, 1, mk) and float(one.sum()) == pytest.approx(2.0, abs=1e-5)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from triton_marks import DEV, TRITON_MARKS
 
-from nanite_compile.kernels import triton_attn, triton_mass, triton_pyramid, triton_state
+from nanite_compile.kernels import levels, triton_attn, triton_mass, triton_pyramid, triton_state
 from nanite_compile.kernels.levels import TileParams, tile_importance
 from nanite_compile.kernels.reference import (
     _pyramid,
@@ -55,7 +55,7 @@ def both(q, kc, valid, tile, causal, nk, stride, means):
               means=means)
     out = triton_mass.tile_importance_triton(q.to(DEV), kc.to(DEV), valid.to(DEV), **kw).cpu()
     golden = tile_importance(q.double(), kc.double(), valid, **kw)
-    base = tile_importance(q, kc, valid, **kw)
+    base = tile_importance(q, kc, valid, dtype=torch.float32, **kw)  # as the kernel scores
     return out, golden, base
 
 
@@ -96,7 +96,9 @@ def test_mass_kernel_matches_the_pytorch_estimate(b, h, hkv, n, tile, causal, st
 
 def test_the_op_uses_the_kernel_where_triton_runs(monkeypatch):
     """With the Triton path in use the level rule takes its mass estimate from the
-    kernel, and the plan (the level table) is the one the PyTorch estimate gives."""
+    kernel, and the plan (the level table) is the one the PyTorch estimate gives (in
+    float32, as the kernel scores: a CPU with native bf16 estimates in bf16)."""
+    monkeypatch.setattr(levels, "estimate_dtype", lambda q: torch.float32)
     q, kc, valid = inputs(1, 4, 2, 256, 16, 16, seed=3)
     k = kc[:, :, :256].to(DEV)
     v = torch.randn(1, 2, 256, 16).to(DEV)
