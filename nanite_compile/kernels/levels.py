@@ -55,14 +55,16 @@ ESTIMATE_SAMPLES = 8
 # 0..8192, tile 32, [4k, 8k): forced on at every budget, x1.051 / x1.186 at 0.25 / 0.1
 # against x1.053 / x1.177 scoring every tile). Its fine pass runs per row (small products
 # over gathered keys), so it pays only when the rows keep a small share of what they
-# see: random q/k, 9 / 3 heads, tile 32, against the full estimate: 1024 reads a query
-# 345 ms against 1463 at 64k (kept tiles 0.11 of the visible), 213 against 339 at 32k
-# (0.22), 105 against 92 at 16k (0.44); a budget of 0.1, 1198 against 1463 at 64k (0.25),
-# 100 against 92 at 16k (0.39). It runs when `coarse_kept_share` is at most
-# COARSE_MAX_KEPT.
+# see. Random q/k, 9 / 3 heads, tile 32, both in bf16 (min of 3, coarse to fine against
+# the full estimate, the kept share in brackets): 1024 reads a query 289 against 1106 ms
+# at 64k (0.11), 106 / 257 at 32k (0.21), 62 / 66 at 16k (0.39), 27 / 20 at 8k (0.68);
+# 2048 reads 165 / 281 at 32k (0.31), 80 / 62 at 16k (0.57); budget 0.1 619 / 1158 at
+# 64k (0.25), 176 / 270 at 32k (0.30), 74 / 87 at 16k (0.39), 42 / 27 at 8k (0.56);
+# budget 0.25 373 / 249 at 32k (0.59). It runs when `coarse_kept_share` is at most
+# COARSE_MAX_KEPT: the 16k rows at 0.39 gain a few ms, not worth its ~0.8% at 0.1.
 COARSE_GROUP_TOKENS = 512
 COARSE_KEEP = 2.0
-COARSE_MAX_KEPT = 0.25
+COARSE_MAX_KEPT = 0.35
 
 # how the tiles a query reads are chosen (TileParams.select, NaniteConfig.select)
 SELECTS = ("row", "query")
