@@ -58,13 +58,17 @@ class _StateRows:
     """
 
     def __init__(self, lv: torch.Tensor, s_tile: torch.Tensor, z_tile: torch.Tensor):
-        smask = lv == STATE  # [B, Hkv, mq, mk]
+        smask = lv[..., :s_tile.shape[2]] == STATE  # [B, Hkv, mq, m]: no STATE past m
         mk = smask.shape[-1]
-        idx = torch.arange(mk, device=lv.device)
         cnt = smask.sum(-1)
-        lo = torch.where(smask, idx, mk).amin(-1)
-        hi = torch.where(smask, idx + 1, 0).amax(-1)
-        self.runs = bool((cnt == (hi - lo).clamp_min(0)).all())
+        # each row's first STATE tile and one past its last, from the int8 table (argmax
+        # gives the first maximum)
+        flags = smask.to(torch.int8)
+        lo = flags.argmax(-1)
+        hi = mk - flags.flip(-1).argmax(-1)
+        self.runs = bool((cnt == torch.where(cnt > 0, hi - lo, 0)).all())
+        # which rows read a state at all (a chunk without one skips its read-out)
+        self.live = cnt.reshape(-1, cnt.shape[-1]).amax(0).gt(0).tolist()
         if self.runs:
             self.cs, self.cz = _prefix_sums(s_tile), _prefix_sums(z_tile)
             self.lo = torch.where(cnt > 0, lo, 0)
@@ -338,9 +342,14 @@ def tiled_attention_cpu(
     entries = _unit_entries(rest, kc, vc, valid, T, key_valid is not None)
 
     state = None
-    if bool((rows_lv == STATE).any()):
+    folded = (rows_lv == STATE).any(2).any(1).any(0)  # [mk]: tiles some row reads as state
+    if bool(folded.any()):
+        # the state sums over tiles up to the last folded one only (older tiles fold first:
+        # at 64k tokens and 2048 reads a query, rows fold at most the oldest 224 of 2048)
+        m_s = int(folded.nonzero().max()) + 1
         proj = feature_proj.to(cd)
-        s_tile, z_tile, ck = state_tiles(kc, vc, valid, proj, scale, T)
+        s_tile, z_tile, ck = state_tiles(kc[:, :, :m_s * T], vc[:, :, :m_s * T],
+                                         valid[:, :m_s * T], proj, scale, T)
         state = (proj, ck.reshape(b, hkv, 1, 1, 1), _StateRows(rows_lv, s_tile, z_tile))
 
     # the result in its final layout; each chunk's rows are written into it once
@@ -434,7 +443,7 @@ def tiled_attention_cpu(
             parts_l.append(lse)
 
         num_s = den_s = m_s = None
-        if state is not None:
+        if state is not None and any(state[2].live[c0:c1]):
             proj, ck, sums = state
             s_c, z_c = sums.rows(c0, c1)  # [B,Hkv,n_c,F,Dv], [B,Hkv,n_c,F]
             lq = _log_features(qr, proj, scale) + ck  # [B,Hkv,n_c,QB,F]
