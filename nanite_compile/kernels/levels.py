@@ -797,15 +797,17 @@ def build_levels(
         keep = keep.clamp(max=float(params.horizon))
     # rank middle tiles by distance: nearest first
     if not use_state and params.horizon is None:
-        order_rank = None  # every middle tile stays a candidate (keep = n_mid)
+        kept = mid  # every middle tile stays a candidate (keep = n_mid)
     elif causal:
-        # middle tiles all lie before the query tile: the nearer ones are the later ones
-        order_rank = (mid.flip(-1).cumsum(-1).flip(-1) - mid.to(torch.int64)).to(torch.float64)
+        # middle tiles all lie before the query tile: the nearer ones are the later ones, and
+        # a tile is among the `keep` nearest when fewer than `keep` middle tiles follow it,
+        # i.e. when the middle tiles up to it (inclusive) number more than n_mid - keep
+        kept = mid & (mid.cumsum(-1, dtype=torch.int32) > (n_mid - keep)[..., None])
     else:
         big = mk + 1
         mdist = torch.where(mid, adist[None, None].expand_as(mid), big).to(torch.float64)
         order_rank = mdist.argsort(dim=-1).argsort(dim=-1).to(torch.float64)  # 0 = nearest
-    kept = mid if order_rank is None else mid & (order_rank < keep[..., None])
+        kept = mid & (order_rank < keep[..., None])
     folded = mid & ~kept
     has_state = folded.any(-1)  # [B, 1, mq]
     budget_left = (rem - has_state.to(torch.float64) * F).clamp_min(0.0)
