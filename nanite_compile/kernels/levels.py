@@ -17,6 +17,7 @@ tile is more than the budget allows.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -292,7 +293,9 @@ def estimate_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+@functools.cache
 def _native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (asked of oneDNN once a process)."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
         return bool(check()) if check is not None else False
@@ -817,8 +820,11 @@ def build_levels(
     bl = budget_left.expand(b, hkv, -1)
     kept_b = kept.expand(b, hkv, -1, -1)
     if solver is None:
-        solver = default_solver(dev, b * hkv * q_tiles.numel() * mk, R,
-                                few=importance is not None and _most_kept(bl, T, R) < mk // 4)
+        numel = b * hkv * q_tiles.numel() * mk
+        # `few` needs the budget on the host: asked only where the sort solver is not taken
+        few = (importance is not None and default_solver(dev, numel, R) != "sort"
+               and _most_kept(bl, T, R) < mk // 4)
+        solver = default_solver(dev, numel, R, few=few)
     if solver == "topk":
         if importance is None:
             raise ValueError("solver 'topk' ranks tiles by the mass estimate: pass importance")
