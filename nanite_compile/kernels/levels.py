@@ -743,8 +743,8 @@ def build_levels(
             the 1e-9 level): ``"bisect"`` (36 halvings; cheapest on a CPU),
             ``"sort"`` (exact, from the sorted level thresholds; a few
             launches, for a GPU), ``"topk"`` (the bisection on each row's
-            best-estimated tiles only, never the whole table in float64; needs
-            ``importance``; for few reads a query), None: `default_solver`.
+            highest-priority tiles only, never the whole table in float64; for few
+            reads a query), None: `default_solver`.
 
     Returns:
         ``[B, Hkv, mq, mk]`` int8 level table.
@@ -822,18 +822,26 @@ def build_levels(
     if solver is None:
         numel = b * hkv * q_tiles.numel() * mk
         # `few` needs the budget on the host: asked only where the sort solver is not taken
-        few = (importance is not None and default_solver(dev, numel, R) != "sort"
-               and _most_kept(bl, T, R) < mk // 4)
+        few = default_solver(dev, numel, R) != "sort" and _most_kept(bl, T, R) < mk // 4
         solver = default_solver(dev, numel, R, few=few)
+    if importance is None:
+        dens = density[:, :, None, :].to(torch.float64)  # [B, Hkv, 1, mk]
+        prio = ((dens + 1e-3) / adist[None, None].clamp_min(1).to(torch.float64)).expand(
+            b, hkv, -1, -1)
     if solver == "topk":
-        if importance is None:
-            raise ValueError("solver 'topk' ranks tiles by the mass estimate: pass importance")
-        levels = _levels_by_topk(importance, kept_b, levels, T, bl, R, params.sharpness)
+        # the tiles are ranked by what their priority grows with: the mass estimate (float32,
+        # the priority itself is only formed for the chosen tiles), or the priority
+        rowmax = None if importance is None else importance.amax(-1, keepdim=True)
+
+        def base_of(val: torch.Tensor) -> torch.Tensor:
+            return _threshold_base(
+                val if rowmax is None else _mass_priority(val, params.sharpness, rowmax), T)
+
+        levels = _levels_by_topk(prio if importance is None else importance, base_of,
+                                 kept_b, levels, T, bl, R)
     else:
         if importance is None:
-            dens = density[:, :, None, :].to(torch.float64)  # [B, Hkv, 1, mk]
-            prio = (dens + 1e-3) / adist[None, None].clamp_min(1).to(torch.float64)
-            base = _threshold_base(prio, T).expand(b, hkv, -1, -1)
+            base = _threshold_base(prio, T)
         else:
             base = _threshold_base(_mass_priority(importance, params.sharpness), T)
         if solver == "sort":
@@ -874,9 +882,9 @@ SORT_SOLVER_MAX_ELEMENTS = 2**24
 def default_solver(device: torch.device, numel: int, R: int, few: bool = False) -> str:
     """``"sort"`` on CUDA (a few launches instead of 36 steps) while its scratch stays
     small: ``numel * (R + 1)`` elements per tensor, ``numel`` the table's size; else
-    ``"topk"`` when ``few`` (the mass estimate is given and no row can keep a quarter of
-    the tiles: only the best-estimated ones are solved for), else ``"bisect"`` (at tile
-    32 and 64k tokens the sort would need about 2.4 GB)."""
+    ``"topk"`` when ``few`` (no row can keep a quarter of its tiles: only each row's
+    highest-priority ones are solved for), else ``"bisect"`` (at tile 32 and 64k tokens
+    the sort would need about 2.4 GB)."""
     if device.type == "cuda" and numel * (R + 1) <= SORT_SOLVER_MAX_ELEMENTS:
         return "sort"
     return "topk" if few else "bisect"
@@ -948,38 +956,30 @@ def _levels_by_bisection(base: torch.Tensor, kept: torch.Tensor, T: int, bl: tor
     shape = base.shape
     mk = shape[-1]
     budget = bl.expand(shape[:-1]).reshape(-1)
-    keys = torch.where(kept, base, math.inf).reshape(-1, mk)  # [rows, mk]
-    # only each row's `most` smallest thresholds can change the answer, and a top-k of
-    # them is far cheaper than sorting every row when few reads are allowed (64k tokens,
-    # 1024 reads a query: 52 ms against 236)
-    most = _most_kept(budget, T, R)
-    if most < mk // 4:
-        keys = torch.topk(keys, most, dim=-1, largest=False, sorted=True).values
-    else:
-        keys = keys.sort(-1).values
+    keys = torch.where(kept, base, math.inf).reshape(-1, mk).sort(-1).values  # [rows, mk]
     x = _bisect_x(keys, budget, T, R).reshape(shape[:-1])
     return torch.ceil(base - x[..., None] - 1e-9).clamp_(0, R + 1)
 
 
-def _levels_by_topk(importance: torch.Tensor, kept: torch.Tensor, levels: torch.Tensor,
-                    T: int, bl: torch.Tensor, R: int, sharpness: float) -> torch.Tensor:
-    """`_levels_by_bisection`'s table without a float64 pass over it: each row's ``most``
-    (`_most_kept`) kept tiles of largest estimated mass are the only ones that can be
-    read (the rest have larger thresholds and the row cannot afford one more tile), so
-    their thresholds are computed, solved for and scattered into ``levels`` (the others
-    become NONE). Mass order is threshold order (the priority is increasing in the mass;
-    tiles it cannot tell apart are below 1e-30 and dropped either way). The whole level
-    rule at 64k tokens, tile 32, 1024 reads a query (random q/k, CPU, 2 threads): 0.59-0.76
-    s with the bisection over the table, 0.12-0.14 s this way; 16k at budget 0.1: 15-18 ms
+def _levels_by_topk(score: torch.Tensor, base_of, kept: torch.Tensor, levels: torch.Tensor,
+                    T: int, bl: torch.Tensor, R: int) -> torch.Tensor:
+    """`_levels_by_bisection`'s table from each row's ``most`` (`_most_kept`) kept tiles of
+    largest ``score`` only (``score >= 0``, in the order of the priority; ``base_of`` maps
+    the chosen scores to their level-0 thresholds): the row cannot afford one more tile,
+    and every other tile has a larger threshold, so it is dropped either way. Their
+    thresholds are solved for and scattered into ``levels`` (the other kept tiles become
+    NONE); no float64 pass over the whole table. Ties are harmless: tiles the priority
+    cannot tell apart (below its 1e-30 floor) are dropped either way. The whole level rule
+    at 64k tokens, tile 32, 1024 reads a query (random q/k, CPU, 2 threads): 0.59-0.76 s
+    with the bisection over the table, 0.12-0.14 s this way; 16k at budget 0.1: 15-18 ms
     against 11-12."""
     b, hkv, mq, mk = levels.shape
     budget = bl.reshape(-1)
     most = _most_kept(budget, T, R)
-    score = importance.masked_fill(~kept, -1.0)  # masses are >= 0: other tiles rank last
-    val, idx = torch.topk(score, min(most, mk), dim=-1, largest=True, sorted=False)
+    val, idx = torch.topk(score.masked_fill(~kept, -1.0), min(most, mk), dim=-1,
+                          largest=True, sorted=False)  # other tiles rank last
     live = val >= 0
-    base = _threshold_base(_mass_priority(val, sharpness, importance.amax(-1, keepdim=True)), T)
-    base = base.masked_fill(~live, math.inf)
+    base = base_of(val).masked_fill(~live, math.inf)
     x = _bisect_x(base.reshape(-1, base.shape[-1]).sort(-1).values, budget, T, R)
     lvl = torch.ceil(base - x.reshape(b, hkv, mq, 1) - 1e-9).clamp_(0, R + 1)
     lvl = torch.where(live & (lvl <= R), lvl, float(NONE)).to(torch.int8)
