@@ -466,9 +466,10 @@ def tile_importance_coarse_to_fine(
     first = torch.cumsum(per_row, 0) - per_row
     slot = torch.arange(row.numel(), device=dev) - first[row]
     table = torch.full((mq, spr), -1, dtype=torch.int64, device=dev)
-    table[row, slot] = sel
+    table[row, slot] = torch.arange(sel.numel(), device=dev)  # into the sampled queries
     has = table >= 0  # [mq, spr]
-    qf = q.to(sdt).reshape(b, hkv, G, nq, d)
+    # only the sampled queries, in the scores' dtype (not a copy of every query)
+    qf = q.index_select(2, sel).to(sdt).reshape(b, hkv, G, sel.numel(), d)
     col_tile = (glist[..., None] * S + torch.arange(S, device=dev)).reshape(b, hkv, mq, K * S)
     out = torch.zeros(b, hkv, mq, (ng + 1) * S, dtype=f32, device=dev)
     per = b * hkv * (K * W * (d + 1) * 4 + G * spr * K * W * 4 * 3)
