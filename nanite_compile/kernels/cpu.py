@@ -57,8 +57,10 @@ class _StateRows:
     Otherwise a masked sum over tiles.
     """
 
-    def __init__(self, lv: torch.Tensor, s_tile: torch.Tensor, z_tile: torch.Tensor):
-        smask = lv[..., :s_tile.shape[2]] == STATE  # [B, Hkv, mq, m]: no STATE past m
+    def __init__(self, smask: torch.Tensor, s_tile: torch.Tensor, z_tile: torch.Tensor):
+        # smask [B, Hkv, mq, >= m]: the table's STATE entries; none lie past the m tiles
+        # the sums cover
+        smask = smask[..., :s_tile.shape[2]]
         mk = smask.shape[-1]
         cnt = smask.sum(-1)
         # each row's first STATE tile and one past its last, from the int8 table (argmax
@@ -114,7 +116,7 @@ def _prefix_sums(x: torch.Tensor, block: int = 16) -> torch.Tensor:
 
 def _state_rows(lv: torch.Tensor, s_tile: torch.Tensor, z_tile: torch.Tensor):
     """Every row's `_StateRows` sums at once (the Triton kernel reads them all)."""
-    return _StateRows(lv, s_tile, z_tile).rows(0, lv.shape[2])
+    return _StateRows(lv == STATE, s_tile, z_tile).rows(0, lv.shape[2])
 
 
 _WORKSPACE = threading.local()
@@ -342,7 +344,8 @@ def tiled_attention_cpu(
     entries = _unit_entries(rest, kc, vc, valid, T, key_valid is not None)
 
     state = None
-    folded = (rows_lv == STATE).any(2).any(1).any(0)  # [mk]: tiles some row reads as state
+    smask = rows_lv == STATE
+    folded = smask.any(2).any(1).any(0)  # [mk]: tiles some row reads as state
     if bool(folded.any()):
         # the state sums over tiles up to the last folded one only (older tiles fold first:
         # at 64k tokens and 2048 reads a query, rows fold at most the oldest 224 of 2048)
@@ -350,7 +353,7 @@ def tiled_attention_cpu(
         proj = feature_proj.to(cd)
         s_tile, z_tile, ck = state_tiles(kc[:, :, :m_s * T], vc[:, :, :m_s * T],
                                          valid[:, :m_s * T], proj, scale, T)
-        state = (proj, ck.reshape(b, hkv, 1, 1, 1), _StateRows(rows_lv, s_tile, z_tile))
+        state = (proj, ck.reshape(b, hkv, 1, 1, 1), _StateRows(smask, s_tile, z_tile))
 
     # the result in its final layout; each chunk's rows are written into it once
     res = torch.empty(b, h, mq_real * T, dv, dtype=cd, device=dev)

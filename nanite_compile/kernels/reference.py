@@ -473,7 +473,8 @@ def tiled_attention(
     # when the input is long enough for that to pay (the Triton path's own estimate, a
     # kernel, scores every tile): it then depends on the budget
     group = max(1, COARSE_GROUP_TOKENS // T)
-    fast_estimate = getattr(fast, "importance", None) is not None and fast.supports(q, v, window)
+    fast_ok = fast is not None and fast.supports(q, v, window)  # the fast path takes this call
+    fast_estimate = fast_ok and getattr(fast, "importance", None) is not None
     coarse = (not per_query and params.sharpness > 0 and not fast_estimate and causal
               and nq > 1 and window is None
               and (params.budget < 1.0 or params.budget_reads is not None))
@@ -528,7 +529,7 @@ def tiled_attention(
                                        _compute_dtype(q))
     impl = "reference"
     with _stage("nanite.attend"):
-        use_fast = fast is not None and fast.supports(q, v, window)
+        use_fast = fast_ok
         if query_keep is not None and use_fast and not getattr(fast, "QUERY_KEEP", False):
             # the Triton kernel reads one table row per query tile; a per-query selection
             # runs in PyTorch (the CPU path's arithmetic where it applies, else the reference)
