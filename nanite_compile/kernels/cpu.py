@@ -128,7 +128,8 @@ def _workspace(slot: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     The gathered entries are written into it instead of a fresh tensor: a fresh
     allocation of this size is new pages from the OS each call, and touching them
     cost 6x the copy itself (92 ms against 14 ms for 216 MB here). It holds at most
-    about ``chunk_bytes`` per thread until the thread ends.
+    about ``chunk_bytes`` per thread, plus the stacked level banks (`_stacked`: about
+    1.5x the keys and values of the longest call), until the thread ends.
     """
     bufs = getattr(_WORKSPACE, "bufs", None)
     if bufs is None:
@@ -150,6 +151,19 @@ def _take_rows(bank: torch.Tensor, idx: torch.Tensor, slot: int) -> torch.Tensor
     out = _workspace(slot, flat_idx.numel() * d, bank.dtype).view(-1, d)
     torch.index_select(bank.reshape(b * h * nb, d), 0, flat_idx, out=out)
     return out.reshape(b, h, -1, d)
+
+
+def _stacked(parts: list[torch.Tensor], slot: int) -> torch.Tensor:
+    """The level banks ``parts`` ``[B, Hkv, units_l, W]`` stacked along the units into
+    workspace ``slot`` (one bank is returned as it is). Two levels of K or V at 8k
+    tokens and 8 KV heads are 25 MB: fresh pages for that each call took 15-75 ms, more
+    than the copy."""
+    if len(parts) == 1:
+        return parts[0]
+    b, h, _, w = parts[0].shape
+    units = sum(p.shape[2] for p in parts)
+    out = _workspace(slot, b * h * units * w, parts[0].dtype).view(b, h, units, w)
+    return torch.cat(parts, 2, out=out)
 
 
 @dataclass
@@ -206,10 +220,8 @@ def _unit_entries(rest: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, valid:
         vs.append(vm.reshape(b, hkv, mk * n_u, -1))
         lcs.append(logc.reshape(b, mk * n_u, unit))
         off += mk * n_u
-    one = len(present) == 1
-    bank_k = ks[0] if one else torch.cat(ks, 2)
-    bank_v = vs[0] if one else torch.cat(vs, 2)
-    logc = lcs[0] if one else torch.cat(lcs, 1)
+    bank_k, bank_v = _stacked(ks, 4), _stacked(vs, 5)
+    logc = lcs[0] if len(lcs) == 1 else torch.cat(lcs, 1)
     cnt = per[lev]  # units each read (row, tile) takes
     start = first[lev] + nz[3] * cnt  # the tile's first unit in the stacked bank
     row = (nz[0] * hkv + nz[1]) * nr + nz[2]
