@@ -11,6 +11,13 @@ subject to one constraint: the reads of all sites together stay within
 knapsack of DESIGN.md section 2, solved on its convex hull by a Lagrange
 multiplier and finished greedily with what is left.
 
+What is summed is `SiteCurve.objective`: the squared errors above
+(``NaniteConfig(objective="site")``), or, by default, each site's end-to-end
+cost: how far the model's output moves from the original's when that site
+alone runs at the candidate budget (`nanite_compile.sensitivity`), measured by
+``convert`` on the calibration tokens for the candidates around the uniform
+budget.
+
 A site whose error stays above ``max_error`` at the budget it can afford is
 kept exact; the others share what remains. Everything returned is plain data
 (`SitePlan`), serialised with the report and by ``nanite_compile.save``.
@@ -43,6 +50,12 @@ class SiteCurve:
         errors: relative L2 error of the site's output (over all its samples) per budget.
         reads: key reads spent (summed over the samples' queries) per budget.
         exact_reads: key reads of the original attention on the same samples.
+        costs: what the plan sums and minimises, per budget. None: ``errors``
+            squared (each site's own output error); the end-to-end objective
+            (`nanite_compile.sensitivity`) puts here how much the model's output
+            moves away from the original's when this site alone runs at each
+            budget and every other site at the uniform one (it may be negative:
+            a site read at a lower budget can make the model's output closer).
     """
 
     site: str
@@ -50,6 +63,11 @@ class SiteCurve:
     errors: list[float]
     reads: list[float]
     exact_reads: float
+    costs: list[float] | None = None
+
+    def objective(self) -> list[float]:
+        """The per-budget cost the planner sums (``costs``, else squared errors)."""
+        return list(self.costs) if self.costs is not None else [e * e for e in self.errors]
 
 
 @dataclass
@@ -63,11 +81,15 @@ class SitePlan:
     exact_reads: float
     share: float = 0.0  # this site's reads / all sites' reads
     kept_exact: str = ""  # why the site stays exact, when it does
+    # the end-to-end objective's cost at the chosen budget (None: per-site errors planned)
+    model_cost: float | None = None
 
     def to_plan_entries(self) -> dict:
         """Entries merged into the site's plan dict (report, save)."""
         out = {"budget": self.budget, "calibration_error": round(self.error, 6),
                "budget_share": round(self.share, 6)}
+        if self.model_cost is not None:
+            out["model_cost"] = float(f"{self.model_cost:.6g}")
         if self.kept_exact:
             out["kept_exact"] = self.kept_exact
         return out
@@ -88,6 +110,12 @@ class Plan:
     @property
     def realised(self) -> float:
         return self.reads / self.exact_reads if self.exact_reads else 1.0
+
+
+def candidate_budgets(ladder: Sequence[float]) -> list[float]:
+    """The budgets `measure_site` tries for ``ladder``, in its order: those below 1.0
+    ascending, then 1.0 (exact)."""
+    return sorted({float(b) for b in ladder if 0.0 < b < 1.0}) + [1.0]
 
 
 def measure_site(
@@ -111,7 +139,7 @@ def measure_site(
         seed: the random-feature seed the op uses.
         ladder: budgets below 1.0 to try.
     """
-    budgets = sorted({float(b) for b in ladder if 0.0 < b < 1.0}) + [1.0]
+    budgets = candidate_budgets(ladder)
     sq_err = [0.0] * len(budgets)
     reads = [0.0] * len(budgets)
     ref_sq = 0.0
@@ -155,19 +183,22 @@ def measure_site(
 
 
 def _choose(curves: list[SiteCurve], lam: float, fixed: dict[str, int], total: float) -> list[int]:
-    """Per site, the candidate minimising ``error**2 + lam * reads / total``."""
+    """Per site, the candidate minimising ``cost + lam * reads / total``."""
     out = []
     for c in curves:
         if c.site in fixed:
             out.append(fixed[c.site])
             continue
-        cost = [e * e + lam * r / total for e, r in zip(c.errors, c.reads, strict=True)]
+        cost = [e + lam * r / total for e, r in zip(c.objective(), c.reads, strict=True)]
         out.append(min(range(len(cost)), key=lambda i: (cost[i], c.reads[i])))
     return out
 
 
 def allocate(curves: list[SiteCurve], budget: float, max_error: float | None = None) -> Plan:
-    """One budget per site: least summed squared error within ``budget`` of all reads.
+    """One budget per site: least summed cost within ``budget`` of all reads.
+
+    The cost of a site at a budget is `SiteCurve.objective`: its output's squared
+    relative error, or the end-to-end cost the sensitivity sweep measured.
 
     Args:
         curves: `measure_site` results, one per site.
@@ -205,6 +236,7 @@ def allocate(curves: list[SiteCurve], budget: float, max_error: float | None = N
             site=c.site, budget=c.budgets[i], error=c.errors[i], reads=c.reads[i],
             exact_reads=c.exact_reads, share=c.reads[i] / used if used else 0.0,
             kept_exact=reasons.get(c.site, ""),
+            model_cost=None if c.costs is None else c.costs[i],
         )
     return plan
 
@@ -235,6 +267,7 @@ def _solve(curves: list[SiteCurve], target: float, fixed: dict[str, int]) -> lis
     pick = _choose(curves, hi, fixed, total)
     # greedy: upgrade the site with the best error drop per extra read that still fits
     left = target - reads_of(pick)
+    costs = [c.objective() for c in curves]
     while True:
         best = None
         for n, (c, i) in enumerate(zip(curves, pick, strict=True)):
@@ -242,7 +275,7 @@ def _solve(curves: list[SiteCurve], target: float, fixed: dict[str, int]) -> lis
                 continue
             for j in range(len(c.budgets)):
                 extra = c.reads[j] - c.reads[i]
-                gain = c.errors[i] ** 2 - c.errors[j] ** 2
+                gain = costs[n][i] - costs[n][j]
                 if extra <= 0 or gain <= 0 or extra > left:
                     continue
                 rate = gain / extra

@@ -77,6 +77,11 @@ def set_site_plans(plans: dict[str, TileParams]) -> None:
     _SITE_PLANS.update(plans)
 
 
+def site_plan(key: str) -> TileParams | None:
+    """The plan a site (by op site key) was given with `set_site_plans`, if any."""
+    return _SITE_PLANS.get(key)
+
+
 def drop_site_plans(keys) -> None:
     for key in keys:
         _SITE_PLANS.pop(key, None)
