@@ -20,6 +20,7 @@ the first real forward.
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import types
 import weakref
@@ -45,6 +46,7 @@ _CAPTURE_TOKENS = 160  # the probe that finds and captures the sites
 _MAX_LIFTS = 3  # how many levels up a capture may move to keep attention weights inside
 _CALIBRATION_SAMPLES = 4  # input samples per site the cost model measures ...
 _PLAN_QUERIES = 8192  # ... until this many queries (per batch row) are covered
+_SWEEP_TOKENS = 2048  # the end-to-end sweep's forwards run on at most this many tokens
 _CONVERSIONS = itertools.count()
 
 # functions whose caller is an attention candidate
@@ -547,15 +549,17 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     if not collected:
         state.notes.append("calibration: no rewritten site was called; plans left uniform")
         return
+    by_model = state.config.objective == "model"
+    ladder = _model_candidates(state.config.budget) if by_model else planner.LADDER
     bar = _progress(None, "nanite: cost model", total=len(collected))
-    plan, _ = planner.plan_sites(
+    plan, curves = planner.plan_sites(
         collected, lambda s: site_params(index[s][0].context(), s), state.config.budget,
-        seed=state.config.seed, max_error=state.config.max_error,
+        seed=state.config.seed, max_error=state.config.max_error, ladder=ladder,
         progress=(lambda s: bar.update(1)) if bar is not None else None,
     )
     if bar is not None:
         bar.close()
-    ntok = sum(int(b.numel()) for b in batches)
+    ntok = _calibration_size(batches)
     if plan.floor > plan.budget * (1.0 + 1e-6):
         # even the cheapest candidates overshoot: at this calibration length the budget is
         # below what every site must read (near field, anchors, one summary or the state a
@@ -565,16 +569,30 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
         # read 0.171 of the original at 8192 tokens)
         state.notes.append(
             f"cost model: not used, every site keeps budget {state.config.budget:g}: on these "
-            f"calibration sequences ({ntok} tokens, the longest {max(b.shape[-1] for b in batches)}) "
+            f"calibration sequences ({ntok}) "
             f"the cheapest plan reads x{plan.floor:.3f} of the original, above the budget "
             f"(the near field, anchors and summaries every row reads); calibrate on longer "
             f"sequences to plan this budget per site")
         return
+    sweep_note = ""
+    if by_model and curves:
+        sw = _model_sweep(converted, state, batches[0], [c.site for c in curves], ladder)
+        nominal = planner.candidate_budgets(ladder)
+        for c in curves:
+            c.costs = [sw.costs[c.site][b] for b in nominal]
+        plan = planner.allocate(curves, state.config.budget, state.config.max_error)
+        what = "next-token KL" if sw.kind == "kl" else "relative output error"
+        sweep_note = (f"; planned by each site's effect on the model's output ({what} against "
+                      f"the original on {sw.tokens} tokens: uniform {sw.base:.4g}, the plan's "
+                      f"summed change {sum(p.model_cost or 0.0 for p in plan.sites.values()):+.4g};"
+                      f" {sw.forwards} forwards{', blocks replayed' if sw.replayed else ''}, "
+                      f"{sw.seconds:.0f} s)")
     entries = {s: p.to_plan_entries() for s, p in plan.sites.items()}
-    # The plan minimises each site's attention error, which does not always track the
-    # model's loss (at budget 0.1 on SmolLM2 it raised perplexity from x1.23 to x1.42):
-    # keep it only if the first calibration batch's next-token loss is no worse than
-    # with every site at the uniform budget.
+    # Neither objective is the model's loss: the sites' own errors do not track it (at
+    # budget 0.1 on SmolLM2 that plan raised perplexity from x1.23 to x1.42), and the
+    # end-to-end costs are measured one site at a time and summed, while the sites'
+    # errors compound. Keep the plan only if the first calibration batch's next-token
+    # loss is no worse than with every site at the uniform budget.
     nll_uniform = _calibration_nll(converted, batches[0]) if state.config.plan_check else None
     before = {s: dict(index[s][1].plan) for s in entries if s in index}
     _apply_plans(state, entries)
@@ -584,17 +602,86 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
         state.notes.append(
             f"cost model: plan rejected, every site keeps budget {state.config.budget:g}: its "
             f"next-token loss on the first calibration batch was {nll_plan:.4f} against "
-            f"{nll_uniform:.4f} with the uniform budget ({ntok} calibration tokens)")
+            f"{nll_uniform:.4f} with the uniform budget ({ntok})")
         return
     state.plan = plan
     exact = [s for s, p in plan.sites.items() if p.kept_exact]
     loss = ("" if nll_plan is None else
             f"; calibration loss {nll_plan:.4f} (uniform budget: {nll_uniform:.4f})")
     state.notes.append(
-        f"cost model: {len(plan.sites)} sites planned on {ntok} calibration tokens; reads "
+        f"cost model: {len(plan.sites)} sites planned on {ntok}; reads "
         f"x{plan.realised:.3f} of the original (budget {plan.budget:g})"
-        + (f"; kept exact by max_error: {', '.join(exact)}" if exact else "") + loss
+        + (f"; kept exact by max_error: {', '.join(exact)}" if exact else "") + sweep_note + loss
     )
+
+
+def _calibration_size(batches: list[torch.Tensor]) -> str:
+    """How much calibration there was, in words: tokens for token ids, else inputs."""
+    if all(b.dim() == 2 and not b.is_floating_point() for b in batches):
+        return (f"{sum(int(b.numel()) for b in batches)} calibration tokens, the longest "
+                f"sequence {max(int(b.shape[-1]) for b in batches)}")
+    return f"{sum(int(b.shape[0]) for b in batches)} calibration inputs"
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` has a parameter ``name``."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _model_candidates(budget: float) -> tuple[float, ...]:
+    """The budgets the end-to-end sweep tries a site at, around the uniform ``budget``:
+    0.4x, 1x and 2.5x it (and exact, which `planner.measure_site` always adds). On SmolLM2
+    at 0.25 (Hamlet, one layer changed at a time) the cheap layers were flat down to 0.1
+    and the layers that paid gained most between 0.25 and 0.6-1.0."""
+    return tuple(sorted({round(b, 6) for b in (0.4 * budget, budget, min(1.0, 2.5 * budget))
+                         if b < 1.0}))
+
+
+def _model_sweep(converted: nn.Module, state: _NaniteState, batch: torch.Tensor,
+                 sites: list[str], ladder) -> Any:
+    """`sensitivity.sweep` on the first row of the first calibration batch (at most
+    ``_SWEEP_TOKENS`` tokens of it)."""
+    from . import planner, sensitivity
+    from .evaluate import _forward_kwargs
+    from .passes.rewrite import site_params
+
+    index = _site_index(state)
+    if batch.dim() == 2 and not batch.is_floating_point():
+        batch = batch[:1, :_SWEEP_TOKENS]
+    name = getattr(converted, "main_input_name", None)
+    extra = _forward_kwargs(converted)
+    positions_from = sensitivity.DISTANCE_FROM
+    if _takes(converted, "logits_to_keep") and batch.dim() == 2 and not batch.is_floating_point():
+        # a Hugging Face LM computes the logits of the compared positions only (the output
+        # layer over 49152 tokens is a tenth of SmolLM2's forward)
+        n = int(batch.shape[-1])
+        extra["logits_to_keep"] = n - min(int(n * positions_from), n - 1)
+        positions_from = 0.0
+
+    def run():
+        if name:
+            return converted(**_token_inputs(converted, name, batch), **extra)
+        return converted(batch, **extra)
+
+    params = {s: (s + state.tag, site_params(index[s][0].context(), s)) for s in sites}
+    nominal = planner.candidate_budgets(ladder)
+    # reference, uniform, the replay check, and each site at each candidate but the uniform one
+    bar = _progress(None, "nanite: end-to-end sweep", total=3 + (len(nominal) - 1) * len(sites))
+    was_training = converted.training
+    converted.eval()  # the model as it will run: dropout would make every distance noise
+    try:
+        sw = sensitivity.sweep(converted, run, params, {s: nominal for s in sites},
+                               progress=(lambda: bar.update(1)) if bar is not None else None,
+                               positions_from=positions_from)
+    finally:
+        converted.train(was_training)
+        if bar is not None:
+            bar.close()
+    sw.tokens = int(batch.shape[-1]) if batch.dim() >= 1 else 0
+    return sw
 
 
 def _calibration_nll(model: nn.Module, ids: torch.Tensor) -> float | None:
@@ -666,8 +753,11 @@ def convert(
         calibration: token ids ``[B, N]`` (or an iterable of them). They are
             run through the model with every site exact while each site's
             inputs are kept, and the cost model (``nanite_compile.planner``)
-            spends the budget across sites where it lowers the measured error
-            most (``config.max_error`` keeps hopeless sites exact). Without it
+            spends the budget across sites where it helps most: by default
+            where it keeps the model's output closest to the original's
+            (``config.objective``; ``nanite_compile.sensitivity`` measures each
+            site's effect on the first calibration sequence), and
+            ``config.max_error`` keeps hopeless sites exact. Without it
             every site gets the same budget: a Hugging Face model is probed
             with synthetic tokens, any other module is captured on its first
             forward.

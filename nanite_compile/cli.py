@@ -43,6 +43,8 @@ _CONFIG_OPTIONS = [
     ("row_tiles", int, "query tiles per level table row: 1, or 2 (a pair of tiles shares "
                        "one choice; faster, a little worse)"),
     ("max_error", float, "with --calibration: keep a site exact if its error stays above this"),
+    ("objective", str, "with --calibration: plan by each site's effect on the model's output "
+                       "(model, the default) or by its own attention error (site)"),
     ("plan_check", bool, "with --calibration: keep the cost model's plan only if the calibration "
                          "text's loss is no worse than with the uniform budget"),
     ("seed", int, "seed of the random features"),
@@ -416,7 +418,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    from .config import IMPLS, SELECTS, NaniteConfig
+    from .config import IMPLS, OBJECTIVES, SELECTS, NaniteConfig
 
     defaults = NaniteConfig()
     g = p.add_argument_group("conversion options (NaniteConfig)")
@@ -438,6 +440,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             kw["choices"] = SELECTS
         if name == "row_tiles":
             kw["choices"] = (1, 2)
+        if name == "objective":
+            kw["choices"] = OBJECTIVES
         g.add_argument(flag, **kw)
 
 

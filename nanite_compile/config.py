@@ -20,6 +20,8 @@ _INNER = ("inductor", "eager")
 # the operator implementations (`NaniteConfig.impl`; the op and the CLI read this too)
 IMPLS = ("auto", "torch", "triton")
 _FEATURE_MAPS = ("prf",)
+# what calibration plans by (`NaniteConfig.objective`)
+OBJECTIVES = ("model", "site")
 
 
 def check_budget(budget: Any, name: str = "budget") -> float:
@@ -127,6 +129,14 @@ class NaniteConfig:
             attention output the cost model accepts; a site that cannot get
             under it at its share of the budget stays exact (the report says
             so). None: no bound.
+        objective: with calibration, what the cost model spends the budget
+            by. ``"model"`` (default): each site's end-to-end cost, how far the
+            model's output (next-token KL for a language model) moves from the
+            original's when that site alone runs below or above the uniform
+            budget (`nanite_compile.sensitivity`; about three forwards per site
+            on up to 4096 calibration tokens). ``"site"``: each site's own
+            attention output error (faster; on SmolLM2 it planned worse than
+            the uniform budget: layers' errors compound).
         plan_check: with calibration, keep the cost model's plan only if the
             next-token loss of a causal LM on the first calibration batch is
             no worse than with every site at the uniform budget (else the
@@ -168,6 +178,7 @@ class NaniteConfig:
     # / x1.198 for rows of one tile; the CPU op 8-20% faster (blocks of 2*G*T queries)
     row_tiles: int = 1
     max_error: float | None = None
+    objective: str = "model"
     plan_check: bool = True
     feature_map: str = "prf"
     seed: int = 0
@@ -207,6 +218,9 @@ class NaniteConfig:
                     f"max_error must be a positive number (a relative error such as 0.3) or None, "
                     f"got {self.max_error!r}")
             object.__setattr__(self, "max_error", float(self.max_error))
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES} (the model's output moved "
+                             f"by each site, or each site's own error), got {self.objective!r}")
         if not isinstance(self.plan_check, bool):
             raise TypeError(f"plan_check must be True or False, got {self.plan_check!r}")
         if self.feature_map not in _FEATURE_MAPS:

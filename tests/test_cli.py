@@ -283,3 +283,13 @@ def test_bench_keeps_a_fixed_number_of_reads(capsys):
     share = [float(r.split("|")[6]) for r in rows]  # reads/orig at 1024 and 2048 tokens
     assert 0.4 < share[1] / share[0] < 0.6, share
     assert "tiled, budget 256 reads" in out
+
+
+def test_objective_flag():
+    """--objective picks what calibration plans by; a wrong one is refused by argparse."""
+    parser = cli.build_parser()
+    assert cli._config(parser.parse_args(["convert", "m.gguf"])).objective == "model"
+    args = parser.parse_args(["convert", "m.gguf", "--objective", "site"])
+    assert cli._config(args).objective == "site"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["convert", "m.gguf", "--objective", "kl"])
