@@ -55,7 +55,9 @@ class SiteCurve:
             (`nanite_compile.sensitivity`) puts here how much the model's output
             moves away from the original's when this site alone runs at each
             budget and every other site at the uniform one (it may be negative:
-            a site read at a lower budget can make the model's output closer).
+            a site read at a lower budget can make the model's output closer;
+            ``math.inf`` for a budget not measured, never chosen unless
+            ``max_error`` keeps the site exact).
     """
 
     site: str
@@ -236,7 +238,8 @@ def allocate(curves: list[SiteCurve], budget: float, max_error: float | None = N
             site=c.site, budget=c.budgets[i], error=c.errors[i], reads=c.reads[i],
             exact_reads=c.exact_reads, share=c.reads[i] / used if used else 0.0,
             kept_exact=reasons.get(c.site, ""),
-            model_cost=None if c.costs is None else c.costs[i],
+            model_cost=(c.costs[i] if c.costs is not None and math.isfinite(c.costs[i])
+                        else None),
         )
     return plan
 

@@ -190,6 +190,9 @@ def test_calibration_plans_by_the_model_objective():
     note = next(n for n in rep.notes if n.startswith("cost model"))
     assert "next-token KL against the original on 384 tokens" in note
     assert "blocks replayed" in note
+    # reference, uniform, replay check, and 2 candidates (0.12, 0.75; not exact) per site
+    assert f"{3 + 2 * 3} forwards" in note
+    assert all(s.plan["budget"] < 1.0 for s in rep.sites if s.status == "rewritten")
     by_site = nanite_compile.convert(model, config=NaniteConfig(**CFG, objective="site"),
                                      calibration=calib)
     assert all("model_cost" not in s.plan for s in nanite_compile.report(by_site).sites)
@@ -224,21 +227,35 @@ def test_objective_is_checked():
 def test_model_candidates_bracket_the_budget():
     assert api._model_candidates(0.25) == (0.1, 0.25, 0.625)
     assert api._model_candidates(0.1) == (0.04, 0.1, 0.25)
-    assert api._model_candidates(0.5) == (0.2, 0.5)  # 1.0 is always a candidate
+    assert api._model_candidates(0.5) == (0.2, 0.5)  # measure_site adds 1.0 (not swept)
+
+
+def test_an_unmeasured_budget_is_never_chosen():
+    """A cost of inf (exact, which the sweep skips) is not chosen though the reads allow
+    it; max_error can still keep the site exact, and its model cost is then unknown."""
+    c = planner.SiteCurve("a", [0.1, 0.25, 1.0], [0.5, 0.3, 0.0], [10.0, 25.0, 100.0], 100.0,
+                          costs=[0.2, 0.1, math.inf])
+    plan = planner.allocate([c], budget=1.0)
+    assert plan.sites["a"].budget == 0.25 and plan.sites["a"].model_cost == 0.1
+    plan = planner.allocate([c], budget=1.0, max_error=0.2)
+    assert plan.sites["a"].budget == 1.0 and plan.sites["a"].kept_exact
+    assert plan.sites["a"].model_cost is None
+    assert "model_cost" not in plan.sites["a"].to_plan_entries()
 
 
 def test_convert_sweep_keeps_only_the_compared_logits(converted):
     """convert's sweep asks a Hugging Face LM for the logits of the second half only
-    (``logits_to_keep``); the distances are those of the full logits."""
+    (``logits_to_keep``); the distances are those of the full logits. Exact is not swept."""
     _, conv = converted
     state = conv.__dict__["_nanite_state"]
     x = ids(384, 11)
     sites = list(api._site_index(state))
     ladder = (0.12, 0.3, 0.75)
     got = api._model_sweep(conv, state, x, sites, ladder)
-    want = _sweep_of(conv, x, candidates=planner.candidate_budgets(ladder))
+    want = _sweep_of(conv, x, candidates=list(ladder))  # exact is not swept
     assert got.tokens == 384 and got.kind == "kl"
     assert got.base == pytest.approx(want.base, rel=1e-6)
     for site in sites:
         for b, cost in want.costs[site].items():
             assert got.costs[site][b] == pytest.approx(cost, rel=1e-5, abs=1e-12)
+        assert 1.0 not in got.costs[site]
