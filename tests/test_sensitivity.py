@@ -4,6 +4,7 @@ the planner spending by it, and replaying the blocks before a changed site."""
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -79,6 +80,32 @@ def test_the_distance_is_the_next_token_kl_on_the_second_half(converted):
         q = F.log_softmax(conv(x).logits[0, 192:].double(), -1)
     want = float((p.exp() * (p - q)).sum(-1).mean())
     assert sw.base == pytest.approx(want, rel=1e-4)
+
+
+def test_the_kl_keeps_small_differences():
+    """The costs are differences of KLs a few thousandths apart on logits of size ~10: the
+    float32 distance must give them as float64 does (the plain formula in float32,
+    sum p log p - sum p z + logsumexp z, loses them)."""
+    class _LM(nn.Module):
+        def can_generate(self):
+            return True
+
+    g = torch.Generator().manual_seed(0)
+    ref = 4.0 * torch.randn(1, 600, 20000, generator=g) + 12.0
+    noise = torch.randn(1, 600, 20000, generator=g)
+    outs = [ref + 0.05 * noise, ref + 0.0502 * noise, ref + 0.3 * noise]
+    dist = sensitivity._Distance(_LM(), types.SimpleNamespace(logits=ref), positions_from=0.5)
+
+    def direct(z):
+        p = F.log_softmax(ref[:, 300:].double(), -1)
+        q = F.log_softmax(z[:, 300:].double(), -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    got = [dist(types.SimpleNamespace(logits=z)) for z in outs]
+    want = [direct(z) for z in outs]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got[1] - got[0] == pytest.approx(want[1] - want[0], rel=1e-3)  # ~1e-5 nats
+    assert got[2] - got[0] == pytest.approx(want[2] - want[0], rel=1e-5)
 
 
 def test_the_sweep_leaves_every_site_plan_as_it_was(converted):
