@@ -17,6 +17,7 @@ import nanite_compile  # noqa: E402
 from nanite_compile import NaniteConfig, api, planner, sensitivity  # noqa: E402
 from nanite_compile.kernels import ops  # noqa: E402
 from nanite_compile.passes.rewrite import site_params  # noqa: E402
+from test_api import SDPAAttention  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
 VOCAB = 96
@@ -124,18 +125,11 @@ def test_the_sweep_leaves_every_site_plan_as_it_was(converted):
         torch.testing.assert_close(conv(x).logits, want, rtol=0, atol=0)
 
 
-class _Block(nn.Module):
-    def __init__(self, dim=32, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
+class _Block(SDPAAttention):
+    """test_api's causal SDPA attention, with a residual."""
 
     def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return x + self.out(y.transpose(1, 2).reshape(B, N, C))
+        return x + super().forward(x)
 
 
 class _Reversed(nn.Module):
