@@ -20,7 +20,6 @@ the first real forward.
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import math
 import types
@@ -633,14 +632,6 @@ def _calibration_size(batches: list[torch.Tensor]) -> str:
     return f"{sum(int(b.shape[0]) for b in batches)} calibration inputs"
 
 
-def _takes(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` has a parameter ``name``."""
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _model_candidates(budget: float) -> tuple[float, ...]:
     """The budgets the end-to-end sweep tries a site at, around the uniform ``budget``:
     0.4x, 1x and 2.5x it (`planner.measure_site` adds exact, which the sweep skips). On SmolLM2
@@ -655,7 +646,7 @@ def _model_sweep(converted: nn.Module, state: _NaniteState, batch: torch.Tensor,
     """`sensitivity.sweep` on the first row of the first calibration batch (at most
     ``_SWEEP_TOKENS`` tokens of it)."""
     from . import planner, sensitivity
-    from .evaluate import _forward_kwargs
+    from .evaluate import _forward_kwargs, forward_takes
     from .passes.rewrite import site_params
 
     index = _site_index(state)
@@ -664,7 +655,7 @@ def _model_sweep(converted: nn.Module, state: _NaniteState, batch: torch.Tensor,
     name = getattr(converted, "main_input_name", None)
     extra = _forward_kwargs(converted)
     positions_from = sensitivity.DISTANCE_FROM
-    if _takes(converted, "logits_to_keep") and batch.dim() == 2 and not batch.is_floating_point():
+    if forward_takes(converted, "logits_to_keep") and batch.dim() == 2 and not batch.is_floating_point():
         # a Hugging Face LM computes the logits of the compared positions only (the output
         # layer over 49152 tokens is a tenth of SmolLM2's forward)
         n = int(batch.shape[-1])

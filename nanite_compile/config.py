@@ -133,7 +133,7 @@ class NaniteConfig:
             by. ``"model"`` (default): each site's end-to-end cost, how far the
             model's output (next-token KL for a language model) moves from the
             original's when that site alone runs below or above the uniform
-            budget (`nanite_compile.sensitivity`; about three forwards per site
+            budget (`nanite_compile.sensitivity`; about two forwards per site
             on up to 4096 calibration tokens). ``"site"``: each site's own
             attention output error (faster; on SmolLM2 it planned worse than
             the uniform budget: layers' errors compound).

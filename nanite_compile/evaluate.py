@@ -102,13 +102,17 @@ def _check_input_ids(input_ids: torch.Tensor) -> torch.Tensor:
     return input_ids
 
 
+def forward_takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` has a parameter ``name`` (False when it has no signature)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _forward_kwargs(model: nn.Module) -> dict:
     """``use_cache=False`` where the model takes it: a scoring pass needs no KV cache."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
+    return {"use_cache": False} if forward_takes(model, "use_cache") else {}
 
 
 def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,6 @@ attention of decode steps (they read the pooled past, as a prefill would).
 from __future__ import annotations
 
 import contextvars
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +89,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .evaluate import forward_takes
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.nanite.*)
 from .kernels.decode import CompressedKV, register
 from .kernels.levels import EXACT, NONE, STATE, TileParams
@@ -839,8 +839,6 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, context: int | None =
 def _cache_kwarg(model: nn.Module) -> str:
     """The name ``model``'s forward gives its cache: ``cache`` from transformers 5.2x,
     ``past_key_values`` before (5.17 still had it, without the newer name)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - forward without a signature
+    if forward_takes(model, "cache") or not forward_takes(model, "past_key_values"):
         return "cache"
-    return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
+    return "past_key_values"

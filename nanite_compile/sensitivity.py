@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .kernels import ops as _ops
 from .kernels.levels import TileParams
@@ -80,16 +80,8 @@ class Sweep:
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for x in out:
-            t = _first_tensor(x)
-            if t is not None:
-                return t
-    return None
+    """The first tensor in an output (a tensor, a tuple, a dict, a ``ModelOutput``)."""
+    return next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
 
 
 class _Distance:

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
+from test_api import SDPAAttention  # noqa: E402
+from tiny_models import tiny_llama  # noqa: E402
+
 import nanite_compile  # noqa: E402
 from nanite_compile import NaniteConfig, api, planner, sensitivity  # noqa: E402
 from nanite_compile.kernels import ops  # noqa: E402
 from nanite_compile.passes.rewrite import site_params  # noqa: E402
-from test_api import SDPAAttention  # noqa: E402
-from tiny_models import tiny_llama  # noqa: E402
 
 VOCAB = 96
 # near field and anchors are 3 of the 24 tiles at 384 tokens: the budget bites
