@@ -544,13 +544,21 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     from .passes.rewrite import site_params
 
     name = getattr(converted, "main_input_name", None)
+    index = _site_index(state)
+    used = 0
     with torch.no_grad(), _ops.collecting(max_calls=_CALIBRATION_SAMPLES) as got:
         for ids in _progress(batches, "nanite: calibration forwards"):
             if name:
                 converted(**_token_inputs(converted, name, ids))
             else:
                 converted(ids)
-    index = _site_index(state)
+            used += 1
+            # the cost model measures each site on its first samples up to _PLAN_QUERIES
+            # queries (`_enough`): once every site called has them, later batches would
+            # be collected and dropped (SmolLM2 on 4 x 4096 tokens: two forwards, ~25 s)
+            sites = [v for s, v in got.items() if s in index]
+            if sites and all(_covered(v) for v in sites):
+                break
     collected = {s: _enough(v) for s, v in got.items() if s in index}
     if not collected:
         state.notes.append("calibration: no rewritten site was called; plans left uniform")
@@ -565,7 +573,7 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     )
     if bar is not None:
         bar.close()
-    ntok = _calibration_size(batches)
+    ntok = _calibration_size(batches, used)
     if plan.floor > plan.budget * (1.0 + 1e-6):
         # even the cheapest candidates overshoot: at this calibration length the budget is
         # below what every site must read (near field, anchors, one summary or the state a
@@ -624,12 +632,18 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     )
 
 
-def _calibration_size(batches: list[torch.Tensor]) -> str:
-    """How much calibration there was, in words: tokens for token ids, else inputs."""
-    if all(b.dim() == 2 and not b.is_floating_point() for b in batches):
-        return (f"{sum(int(b.numel()) for b in batches)} calibration tokens, the longest "
-                f"sequence {max(int(b.shape[-1]) for b in batches)}")
-    return f"{sum(int(b.shape[0]) for b in batches)} calibration inputs"
+def _calibration_size(batches: list[torch.Tensor], used: int | None = None) -> str:
+    """How much calibration there was, in words: tokens for token ids, else inputs; with
+    ``used``, how much of it the first ``used`` batches held when that is less."""
+    tokens = all(b.dim() == 2 and not b.is_floating_point() for b in batches)
+
+    def size(bs: list[torch.Tensor]) -> int:
+        return sum(int(b.numel() if tokens else b.shape[0]) for b in bs)
+
+    what = "calibration tokens" if tokens else "calibration inputs"
+    part = "" if used is None or used >= len(batches) else f"the first {size(batches[:used])} of "
+    longest = f", the longest sequence {max(int(b.shape[-1]) for b in batches)}" if tokens else ""
+    return f"{part}{size(batches)} {what}{longest}"
 
 
 def _model_candidates(budget: float) -> tuple[float, ...]:
@@ -712,6 +726,13 @@ def _undo_plans(state: _NaniteState, before: dict[str, dict]) -> None:
         backend.plans.pop(site, None)
         _ops.set_site_plans({site + state.tag: site_params(backend.context(), site)})
         rep.plan = rep_plan
+
+
+def _covered(samples: list[tuple]) -> bool:
+    """Whether ``samples`` hold ``_PLAN_QUERIES`` query positions, or as many calls as
+    the collection keeps."""
+    return (len(samples) >= _CALIBRATION_SAMPLES
+            or sum(int(smp[0].shape[2]) for smp in samples) >= _PLAN_QUERIES)
 
 
 def _enough(samples: list[tuple]) -> list[tuple]:

@@ -386,6 +386,28 @@ def test_plan_check_keeps_a_plan_that_lowers_the_loss(monkeypatch):
                for n in nanite_compile.report(conv).notes)
 
 
+def test_calibration_stops_once_every_site_has_its_samples(monkeypatch):
+    """The cost model measures each site on its first ``_PLAN_QUERIES`` queries; batches
+    after those are not run (they were collected and dropped), and the report says how
+    much of the calibration the plan used."""
+    monkeypatch.setattr(api, "_PLAN_QUERIES", 384)
+    model = tiny_llama(2)
+    cfg = NaniteConfig(tile=16, window=2, anchors=1, budget=0.3, plan_check=False,
+                       objective="site")
+    calls = []
+    hook = model.model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    conv = nanite_compile.convert(model, config=cfg,
+                                  calibration=[ids(384, 1), ids(384, 2), ids(384, 3)])
+    n_three = len(calls)
+    first = nanite_compile.convert(model, config=cfg, calibration=[ids(384, 1)])
+    hook.remove()
+    assert n_three == len(calls) - n_three  # the two conversions ran the same forwards
+    notes = nanite_compile.report(conv).notes
+    assert any("planned on the first 384 of 1152 calibration tokens" in n for n in notes), notes
+    plans = [{s.site: s.plan for s in nanite_compile.report(c).sites} for c in (conv, first)]
+    assert plans[0] == plans[1]
+
+
 def test_calibration_loss_is_read_from_causal_lms_only():
     model = tiny_llama(layers=1)
     x = ids(64, 3)
