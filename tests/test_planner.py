@@ -554,6 +554,26 @@ def test_a_budget_below_what_calibration_can_spend_keeps_the_uniform_plan():
         torch.testing.assert_close(conv(x).logits, uniform(x).logits, rtol=0, atol=0)
 
 
+def test_no_sweep_where_the_cheapest_plan_nearly_fills_the_budget(monkeypatch):
+    """At 384 tokens the cheapest candidates of this model read x0.272 of the original:
+    at budget 0.28 no site could give another more than 3% of the budget, and the
+    end-to-end sweep (two forwards a site) is not run; the report says so."""
+    from nanite_compile import sensitivity
+
+    model = tiny_llama()
+    swept = []
+    monkeypatch.setattr(sensitivity, "sweep", lambda *a, **k: swept.append(1))
+    cfg = NaniteConfig(tile=16, window=2, anchors=1, budget=0.28, plan_check=False)
+    conv = nanite_compile.convert(model, config=cfg, calibration=[ids(384, 1)])
+    notes = nanite_compile.report(conv).notes
+    assert not swept and conv.__dict__["_nanite_state"].plan is None
+    assert any("cost model: not used" in n and "within 5% of the budget" in n for n in notes), notes
+    uniform = nanite_compile.convert(model, config=cfg)
+    x = ids(300, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x).logits, uniform(x).logits, rtol=0, atol=0)
+
+
 def test_budget_reads_skips_the_cost_model():
     """An absolute budget per query is already per site: calibration does not re-plan it."""
     model = tiny_llama(1)
