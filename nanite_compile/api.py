@@ -686,13 +686,19 @@ def _model_sweep(converted: nn.Module, state: _NaniteState, batch: torch.Tensor,
         batch = batch[:1, :_SWEEP_TOKENS]
     name = getattr(converted, "main_input_name", None)
     extra = _forward_kwargs(converted)
-    positions_from = sensitivity.DISTANCE_FROM
+    positions_from, positions_step = sensitivity.DISTANCE_FROM, sensitivity.DISTANCE_STEP
     if forward_takes(converted, "logits_to_keep") and batch.dim() == 2 and not batch.is_floating_point():
         # a Hugging Face LM computes the logits of the compared positions only (the output
         # layer over 49152 tokens is a tenth of SmolLM2's forward)
         n = int(batch.shape[-1])
-        extra["logits_to_keep"] = n - min(int(n * positions_from), n - 1)
+        start = min(int(n * positions_from), n - 1)
         positions_from = 0.0
+        if positions_step > 1 and forward_takes(converted, "logits_to_keep", "Tensor"):
+            # the compared positions only (transformers takes their indices)
+            extra["logits_to_keep"] = torch.arange(start, n, positions_step)
+            positions_step = 1
+        else:
+            extra["logits_to_keep"] = n - start
 
     def run():
         if name:
@@ -708,7 +714,7 @@ def _model_sweep(converted: nn.Module, state: _NaniteState, batch: torch.Tensor,
     try:
         sw = sensitivity.sweep(converted, run, params, {s: swept for s in sites},
                                progress=(lambda: bar.update(1)) if bar is not None else None,
-                               positions_from=positions_from)
+                               positions_from=positions_from, positions_step=positions_step)
     finally:
         converted.train(was_training)
         if bar is not None:

@@ -102,12 +102,14 @@ def _check_input_ids(input_ids: torch.Tensor) -> torch.Tensor:
     return input_ids
 
 
-def forward_takes(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` has a parameter ``name`` (False when it has no signature)."""
+def forward_takes(model: nn.Module, name: str, annotated: str | None = None) -> bool:
+    """Whether ``model.forward`` has a parameter ``name`` (False when it has no signature);
+    with ``annotated``, only if that word is in the parameter's type annotation."""
     try:
-        return name in inspect.signature(model.forward).parameters
+        param = inspect.signature(model.forward).parameters.get(name)
     except (TypeError, ValueError):
         return False
+    return param is not None and (annotated is None or annotated in str(param.annotation))
 
 
 def _forward_kwargs(model: nn.Module) -> dict:

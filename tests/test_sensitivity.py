@@ -17,7 +17,7 @@ from test_api import SDPAAttention  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
 import nanite_compile  # noqa: E402
-from nanite_compile import NaniteConfig, api, planner, sensitivity  # noqa: E402
+from nanite_compile import NaniteConfig, api, evaluate, planner, sensitivity  # noqa: E402
 from nanite_compile.kernels import ops  # noqa: E402
 from nanite_compile.passes.rewrite import site_params  # noqa: E402
 
@@ -73,21 +73,24 @@ def test_replayed_sweep_equals_full_forwards(converted, monkeypatch):
 
 def test_the_distance_is_the_next_token_kl_on_the_second_half(converted):
     """base is KL(original || uniform) of the next-token distribution, averaged over the
-    positions of the second half, computed here directly from the two models' logits."""
+    positions of the second half (every second one), computed here directly from the two
+    models' logits."""
     model, conv = converted
     x = ids(384, 8)
     sw = _sweep_of(conv, x, candidates=(0.3,))
     with torch.no_grad():
-        p = F.log_softmax(model(x).logits[0, 192:].double(), -1)
-        q = F.log_softmax(conv(x).logits[0, 192:].double(), -1)
+        p = F.log_softmax(model(x).logits[0, 192::2].double(), -1)
+        q = F.log_softmax(conv(x).logits[0, 192::2].double(), -1)
     want = float((p.exp() * (p - q)).sum(-1).mean())
     assert sw.base == pytest.approx(want, rel=1e-4)
 
 
-def test_the_kl_keeps_small_differences():
+@pytest.mark.parametrize("step", [1, 2])
+def test_the_kl_keeps_small_differences(step):
     """The costs are differences of KLs a few thousandths apart on logits of size ~10: the
     float32 distance must give them as float64 does (the plain formula in float32,
-    sum p log p - sum p z + logsumexp z, loses them)."""
+    sum p log p - sum p z + logsumexp z, loses them). Over the second half of the
+    positions, every ``step``-th."""
     class _LM(nn.Module):
         def can_generate(self):
             return True
@@ -96,11 +99,12 @@ def test_the_kl_keeps_small_differences():
     ref = 4.0 * torch.randn(1, 600, 20000, generator=g) + 12.0
     noise = torch.randn(1, 600, 20000, generator=g)
     outs = [ref + 0.05 * noise, ref + 0.0502 * noise, ref + 0.3 * noise]
-    dist = sensitivity._Distance(_LM(), types.SimpleNamespace(logits=ref), positions_from=0.5)
+    dist = sensitivity._Distance(_LM(), types.SimpleNamespace(logits=ref), positions_from=0.5,
+                                 positions_step=step)
 
     def direct(z):
-        p = F.log_softmax(ref[:, 300:].double(), -1)
-        q = F.log_softmax(z[:, 300:].double(), -1)
+        p = F.log_softmax(ref[:, 300::step].double(), -1)
+        q = F.log_softmax(z[:, 300::step].double(), -1)
         return float((p.exp() * (p - q)).sum(-1).mean())
 
     got = [dist(types.SimpleNamespace(logits=z)) for z in outs]
@@ -265,15 +269,31 @@ def test_an_unmeasured_budget_is_never_chosen():
     assert "model_cost" not in plan.sites["a"].to_plan_entries()
 
 
-def test_convert_sweep_keeps_only_the_compared_logits(converted):
-    """convert's sweep asks a Hugging Face LM for the logits of the second half only
-    (``logits_to_keep``); the distances are those of the full logits. Exact is not swept."""
+@pytest.mark.parametrize("indices", [True, False])
+def test_convert_sweep_keeps_only_the_compared_logits(converted, indices, monkeypatch):
+    """convert's sweep asks a Hugging Face LM for the logits of the compared positions only
+    (``logits_to_keep``: their indices, every second one of the second half, or where the
+    model takes only a count, the second half); the distances are those of the full
+    logits. Exact is not swept."""
+    if not indices:  # a model whose logits_to_keep is annotated as int only
+        takes = evaluate.forward_takes
+        monkeypatch.setattr(evaluate, "forward_takes",
+                            lambda m, n, annotated=None: annotated is None and takes(m, n))
     _, conv = converted
     state = conv.__dict__["_nanite_state"]
     x = ids(384, 11)
     sites = list(api._site_index(state))
     ladder = (0.12, 0.3, 0.75)
+    kept = []
+    init = sensitivity._Distance.__init__
+
+    def spy(self, model, ref, *a, **k):
+        kept.append(ref.logits.shape[1])
+        init(self, model, ref, *a, **k)
+
+    monkeypatch.setattr(sensitivity._Distance, "__init__", spy)
     got = api._model_sweep(conv, state, x, sites, ladder)
+    assert kept == [96 if indices else 192]  # positions 192, 194, ... or 192..383
     want = _sweep_of(conv, x, candidates=list(ladder))  # exact is not swept
     assert got.tokens == 384 and got.kind == "kl"
     assert got.base == pytest.approx(want.base, rel=1e-6)
