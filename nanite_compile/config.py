@@ -164,7 +164,7 @@ class NaniteConfig:
     # tile 32 the op was slower than SDPA at budget 0.25 (8 / 8 heads, 8k-32k: x0.71-0.82),
     # at tile 64 faster (x1.18-1.48), so such sites get tile 64 (benchmarks/speed.py). What
     # it costs: SmolLM2 made MHA (KV heads repeated), [4k, 8k) at 0.25 / 0.1: tile 64
-    # x1.073 / x1.362, tile 32 x1.054 / x1.228 (README)
+    # x1.073 / x1.362, tile 32 x1.054 / x1.228 (BENCHMARKS.md, "Speed history")
     tile: int | None = None
     window: int | None = None
     anchors: int | None = None
