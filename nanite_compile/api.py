@@ -578,33 +578,28 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     if bar is not None:
         bar.close()
     ntok = _calibration_size(batches, used)
-    if plan.floor > plan.budget * (1.0 + 1e-6):
-        # even the cheapest candidates overshoot: at this calibration length the budget is
-        # below what every site must read (near field, anchors, one summary or the state a
-        # row), and a candidate is labelled with the share it spent, so the plan would
-        # spend that larger share at every length. The uniform budget spends the budget on
-        # inputs long enough for it (SmolLM2, 2048 calibration tokens, budget 0.1: the plan
-        # read 0.171 of the original at 8192 tokens)
+    # the sweep (two forwards a site) needs room to move reads between sites
+    headroom = _MIN_HEADROOM if by_model else -1e-6
+    if plan.floor > plan.budget * (1.0 - headroom):
+        # The cheapest candidates read more than the budget at this calibration length
+        # (near field, anchors, one summary or the state a row), and a candidate is
+        # labelled with the share it spent, so the plan would spend that larger share at
+        # every length (SmolLM2, 2048 calibration tokens, budget 0.1: 0.171 of the
+        # original at 8192 tokens); the uniform budget spends the budget on inputs long
+        # enough for it. Or they read nearly the budget, and no site can give another
+        # more than a few hundredths of its reads: the sweep would buy a plan equal to
+        # the uniform one up to noise (SmolLM2, budget 0.1 on 4096-token sequences: the
+        # cheapest plan read x0.0974; the swept plan, 442 s, moved 2.6% of the reads and
+        # raised the calibration loss, 3.6207 against 3.6198, and Hamlet's [4k, 8k)
+        # from 23.979 to 24.056).
+        where = ("above the budget" if plan.floor > plan.budget * (1.0 + 1e-6) else
+                 f"within {_MIN_HEADROOM:.0%} of the budget, so no site can give another a "
+                 f"useful share of its reads")
         state.notes.append(
             f"cost model: not used, every site keeps budget {state.config.budget:g}: on these "
-            f"calibration sequences ({ntok}) "
-            f"the cheapest plan reads x{plan.floor:.3f} of the original, above the budget "
-            f"(the near field, anchors and summaries every row reads); calibrate on longer "
-            f"sequences to plan this budget per site")
-        return
-    if by_model and plan.floor > plan.budget * (1.0 - _MIN_HEADROOM):
-        # the cheapest candidates read nearly the budget at this length, so no site can
-        # give another more than a few hundredths of its reads: the sweep (two forwards a
-        # site) would buy a plan equal to the uniform one up to noise. SmolLM2 at budget
-        # 0.1 on 4096-token sequences: the cheapest plan read x0.0974, the swept plan
-        # (442 s) moved 2.6% of the reads and raised the calibration loss (3.6207
-        # against 3.6198 uniform), and Hamlet's [4k, 8k) from 23.979 to 24.056
-        state.notes.append(
-            f"cost model: not used, every site keeps budget {state.config.budget:g}: on these "
-            f"calibration sequences ({ntok}) the cheapest plan reads x{plan.floor:.3f} of "
-            f"the original, within {_MIN_HEADROOM:.0%} of the budget, so no site can give "
-            f"another a useful share of its reads; calibrate on longer sequences to plan "
-            f"this budget per site")
+            f"calibration sequences ({ntok}) the cheapest plan reads x{plan.floor:.3f} of the "
+            f"original, {where} (the near field, anchors and summaries every row reads); "
+            f"calibrate on longer sequences to plan this budget per site")
         return
     sweep_note = ""
     if by_model and curves:
