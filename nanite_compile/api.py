@@ -46,13 +46,6 @@ _CAPTURE_TOKENS = 160  # the probe that finds and captures the sites
 _MAX_LIFTS = 3  # how many levels up a capture may move to keep attention weights inside
 _CALIBRATION_SAMPLES = 4  # input samples per site the cost model measures ...
 _PLAN_QUERIES = 8192  # ... until this many queries (per batch row) are covered
-# the end-to-end sweep's forwards run on at most this many tokens. The candidates are
-# labelled with the reads they realised on the calibration sequences, and a plan's reads
-# depend on the length (near field, anchors and summaries are a larger share of a short
-# row), so the sweep runs at the calibration length: SmolLM2 calibrated on 4 x 4096
-# tokens and swept on 2048 of them chose a plan that the loss check then rejected
-# (3.2686 against 3.2279 uniform); swept on 4096 it lowered it.
-_SWEEP_TOKENS = 4096
 # the end-to-end sweep runs only if the cheapest plan leaves at least this share of the
 # budget to move between sites (SmolLM2 on 4096-token sequences: 60% at budget 0.25, where
 # the plan pays; 2.6% at 0.1, where it did not)
@@ -542,13 +535,16 @@ def _apply_plans(state: _NaniteState, plans: dict[str, dict]) -> None:
     weakref.finalize(state, _ops.drop_site_plans, keys)
 
 
-def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Tensor]) -> None:
-    """The cost model: collect each site's inputs on the calibration tokens, plan, apply."""
+def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Tensor],
+               given: list[torch.Tensor]) -> None:
+    """The cost model: collect each site's inputs on the calibration tokens, plan, apply.
+    ``batches`` are the calibration as it is planned on (`_cut`), ``given`` as passed."""
     from . import planner
     from .passes.rewrite import site_params
 
     name = getattr(converted, "main_input_name", None)
     index = _site_index(state)
+    by_model = state.config.objective == "model"
     used = 0
     with torch.no_grad(), _ops.collecting(max_calls=_CALIBRATION_SAMPLES) as got:
         for ids in _progress(batches, "nanite: calibration forwards"):
@@ -567,7 +563,6 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     if not collected:
         state.notes.append("calibration: no rewritten site was called; plans left uniform")
         return
-    by_model = state.config.objective == "model"
     ladder = _model_candidates(state.config.budget) if by_model else planner.LADDER
     bar = _progress(None, "nanite: cost model", total=len(collected))
     plan, curves = planner.plan_sites(
@@ -578,6 +573,9 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     if bar is not None:
         bar.close()
     ntok = _calibration_size(batches, used)
+    if len(batches) > len(given):
+        ntok += (f", cut from sequences of up to {max(int(b.shape[-1]) for b in given)} "
+                 f"(plan_tokens)")
     # the sweep (two forwards a site) needs room to move reads between sites
     headroom = _MIN_HEADROOM if by_model else -1e-6
     if plan.floor > plan.budget * (1.0 - headroom):
@@ -659,6 +657,30 @@ def _calibration_size(batches: list[torch.Tensor], used: int | None = None) -> s
     return f"{part}{size(batches)} {what}{longest}"
 
 
+def _cut(batches: list[torch.Tensor], length: int | None) -> list[torch.Tensor]:
+    """Token-id batches ``[B, N]`` longer than ``length`` as consecutive pieces of it (the
+    last may be shorter), in order; anything else as it is.
+
+    The end-to-end sweep labels each candidate with the reads it realised on the
+    collected sequences, and those depend on the length (near field, anchors and
+    summaries are a larger share of a short row), so the sweep, the read measurement and
+    the loss check must see one length. SmolLM2 calibrated on 2 x 8192 tokens at budget
+    0.1, swept on the first 4096 and measured at 8192: the plan raised the calibration
+    loss (3.3864 against 3.3268 uniform) and was rejected after 553 s; cut to 4096 the
+    cheapest plan fills the budget and no sweep runs. Swept on 2048 of 4096 tokens at
+    0.25 the plan was rejected too (3.2686 against 3.2279); at 4096 it lowered it.
+    """
+    if length is None:
+        return batches
+    out = []
+    for b in batches:
+        if b.dim() == 2 and not b.is_floating_point() and b.shape[1] > length:
+            out.extend(b.split(length, dim=1))
+        else:
+            out.append(b)
+    return out
+
+
 def _model_candidates(budget: float) -> tuple[float, ...]:
     """The budgets the end-to-end sweep tries a site at, around the uniform ``budget``:
     0.4x, 1x and 2.5x it (`planner.measure_site` adds exact, which the sweep skips). On SmolLM2
@@ -670,15 +692,15 @@ def _model_candidates(budget: float) -> tuple[float, ...]:
 
 def _model_sweep(converted: nn.Module, state: _NaniteState, batch: torch.Tensor,
                  sites: list[str], ladder) -> Any:
-    """`sensitivity.sweep` on the first row of the first calibration batch (at most
-    ``_SWEEP_TOKENS`` tokens of it)."""
+    """`sensitivity.sweep` on the first row of the first calibration batch (cut to
+    ``NaniteConfig.plan_tokens`` by `_cut`)."""
     from . import planner, sensitivity
     from .evaluate import _forward_kwargs, forward_takes
     from .passes.rewrite import site_params
 
     index = _site_index(state)
     if batch.dim() == 2 and not batch.is_floating_point():
-        batch = batch[:1, :_SWEEP_TOKENS]
+        batch = batch[:1]
     name = getattr(converted, "main_input_name", None)
     extra = _forward_kwargs(converted)
     positions_from, positions_step = sensitivity.DISTANCE_FROM, sensitivity.DISTANCE_STEP
@@ -822,7 +844,9 @@ def _convert(model: nn.Module, *, budget: Any = _UNSET, calibration: Any = None,
     instead of running the cost model."""
     _check_model(model)
     cfg = _resolve_config(budget, config)
-    batches = _calibration_batches(calibration)
+    given = _calibration_batches(calibration)
+    # the sweep, the read measurement, the loss check and the probe see one length
+    batches = _cut(given, cfg.plan_tokens) if given and cfg.objective == "model" else given
     converted = _share_copy(model)
     state = _NaniteState(config=cfg, tag=f"@c{next(_CONVERSIONS)}")
     converted.__dict__["_nanite_state"] = state
@@ -850,7 +874,7 @@ def _convert(model: nn.Module, *, budget: Any = _UNSET, calibration: Any = None,
     elif batches is not None and cfg.budget_reads is not None:
         state.notes.append("cost model not run: budget_reads fixes every site's reads per query")
     elif batches is not None and cfg.budget < 1.0:
-        _calibrate(converted, state, batches)
+        _calibrate(converted, state, batches, given)
     _measure(converted, state, *probe)
     converted.train(was_training)
     return converted

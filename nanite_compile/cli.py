@@ -45,6 +45,8 @@ _CONFIG_OPTIONS = [
     ("max_error", float, "with --calibration: keep a site exact if its error stays above this"),
     ("objective", str, "with --calibration: plan by each site's effect on the model's output "
                        "(model, the default) or by its own attention error (site)"),
+    ("plan_tokens", int, "with --calibration: the sequence length the cost model plans at; "
+                         "longer calibration sequences are cut into pieces of it"),
     ("plan_check", bool, "with --calibration: keep the cost model's plan only if the calibration "
                          "text's loss is no worse than with the uniform budget"),
     ("seed", int, "seed of the random features"),

@@ -278,6 +278,8 @@ def test_unknown_config_options_are_type_errors():
         ({"budget_reads": 0}, ValueError, "budget_reads must be >= 1"),
         ({"max_level": -1}, ValueError, "max_level must be >= 0"),
         ({"max_level": 1.5}, TypeError, "max_level must be an int"),
+        ({"plan_tokens": 1}, ValueError, "plan_tokens must be >= 2"),
+        ({"plan_tokens": 4096.0}, TypeError, "plan_tokens must be an int"),
     ],
 )
 def test_bad_config_values(options, exc, match):

@@ -225,6 +225,44 @@ def test_calibration_plans_by_the_model_objective():
     assert not any("effect on the model" in n for n in nanite_compile.report(by_site).notes)
 
 
+def test_calibration_plans_at_plan_tokens(monkeypatch):
+    """Token sequences longer than ``plan_tokens`` are cut into pieces of it: collection,
+    sweep, loss check and probe all run at that length (a candidate's reads depend on
+    it), and the plan is the one the pieces give as a list. None sweeps at the whole
+    length."""
+    model = tiny_llama(vocab=VOCAB, layers=2, max_pos=1024, seed=3)
+    seen = []  # sequence lengths the first layer ran on
+    model.model.layers[0].register_forward_pre_hook(lambda m, a, kw: seen.append(
+        (a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True)
+    x = ids(768, 4)
+    cfg = NaniteConfig(**CFG, plan_tokens=384)
+
+    def plans(conv):
+        return {s.site: s.plan for s in nanite_compile.report(conv).sites}
+
+    def note(conv):
+        return next(n for n in nanite_compile.report(conv).notes if n.startswith("cost model"))
+
+    cut = nanite_compile.convert(model, config=cfg, calibration=x)
+    assert cut.__dict__["_nanite_state"].plan is not None, note(cut)
+    assert "on 384 tokens" in note(cut)
+    assert "cut from sequences of up to 768 (plan_tokens)" in note(cut)
+    assert set(seen) == {160, 384}  # the capture probe, then pieces only (no 768)
+    pieces = nanite_compile.convert(model, config=cfg, calibration=[x[:, :384], x[:, 384:]])
+    assert plans(pieces) == plans(cut)
+    assert "cut from" not in note(pieces)
+    seen.clear()
+    whole = nanite_compile.convert(model, config=cfg.replace(plan_tokens=None), calibration=x)
+    assert "on 768 tokens" in note(whole) and "cut from" not in note(whole)
+    assert 768 in seen
+    checked = []  # the loss check, uniform and planned, on the first piece
+    nll = api._calibration_nll
+    monkeypatch.setattr(api, "_calibration_nll",
+                        lambda m, t: checked.append(t.shape[1]) or nll(m, t))
+    nanite_compile.convert(model, config=cfg.replace(plan_check=True), calibration=x)
+    assert checked == [384, 384]
+
+
 def test_the_planner_spends_by_the_costs_not_the_errors():
     """Two sites, reads for one upgrade (10 + 25 of 200): the site whose upgrade lowers the model's cost gets
     it, though the other's own error falls more; without costs the errors decide."""
