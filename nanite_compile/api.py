@@ -597,7 +597,8 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
             f"cost model: not used, every site keeps budget {state.config.budget:g}: on these "
             f"calibration sequences ({ntok}) the cheapest plan reads x{plan.floor:.3f} of the "
             f"original, {where} (the near field, anchors and summaries every row reads); "
-            f"calibrate on longer sequences to plan this budget per site")
+            f"calibrate on longer sequences (with plan_tokens at least their length) to plan "
+            f"this budget per site")
         return
     sweep_note = ""
     if by_model and curves:

@@ -145,8 +145,10 @@ class NaniteConfig:
             anchors and summaries are a larger share of a short row). None: the
             calibration's own length. The sweep's forwards grow with it: SmolLM2
             calibrated on 2 x 8192 tokens of Macbeth at budget 0.25 took 548 s
-            at 4096 (Hamlet's [4k, 8k) x1.043 against the original) and 1174 s
-            at 8192 (x1.036).
+            at 4096 (Hamlet's [4k, 8k) x1.043 against the original) and 1126 s
+            at 8192 (x1.036); at 0.1 no plan pays at 4096 (uniform, x1.176) and
+            8192 gave x1.157 in 1121 s (BENCHMARKS.md, "The length the cost
+            model plans at").
         plan_check: with calibration, keep the cost model's plan only if the
             next-token loss of a causal LM on the first calibration batch is
             no worse than with every site at the uniform budget (else the
