@@ -573,9 +573,11 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     if bar is not None:
         bar.close()
     ntok = _calibration_size(batches, used)
-    if len(batches) > len(given):
+    if [id(b) for b in batches] != [id(b) for b in given]:  # `_cut` cut something
+        left = sum(b.numel() for b in given) - sum(b.numel() for b in batches)
         ntok += (f", cut from sequences of up to {max(int(b.shape[-1]) for b in given)} "
-                 f"(plan_tokens)")
+                 f"(plan_tokens" + (f"; the {left} past the last whole piece unused" if left else "")
+                 + ")")
     # the sweep (two forwards a site) needs room to move reads between sites
     headroom = _MIN_HEADROOM if by_model else -1e-6
     if plan.floor > plan.budget * (1.0 - headroom):
@@ -659,8 +661,9 @@ def _calibration_size(batches: list[torch.Tensor], used: int | None = None) -> s
 
 
 def _cut(batches: list[torch.Tensor], length: int | None) -> list[torch.Tensor]:
-    """Token-id batches ``[B, N]`` longer than ``length`` as consecutive pieces of it (the
-    last may be shorter), in order; anything else as it is.
+    """Token-id batches ``[B, N]`` longer than ``length`` as consecutive pieces of exactly
+    ``length`` tokens, in order (the ``N mod length`` tokens after the last whole piece
+    are left out); anything else as it is.
 
     The end-to-end sweep labels each candidate with the reads it realised on the
     collected sequences, and those depend on the length (near field, anchors and
@@ -669,14 +672,17 @@ def _cut(batches: list[torch.Tensor], length: int | None) -> list[torch.Tensor]:
     0.1, swept on the first 4096 and measured at 8192: the plan raised the calibration
     loss (3.3864 against 3.3268 uniform) and was rejected after 553 s; cut to 4096 the
     cheapest plan fills the budget and no sweep runs. Swept on 2048 of 4096 tokens at
-    0.25 the plan was rejected too (3.2686 against 3.2279); at 4096 it lowered it.
+    0.25 the plan was rejected too (3.2686 against 3.2279); at 4096 it lowered it. A
+    shorter last piece would be measured at yet another length (a 1-token piece after
+    384 tokens made a tiny model's cheapest plan read x1.000), so it is not kept.
     """
     if length is None:
         return batches
     out = []
     for b in batches:
         if b.dim() == 2 and not b.is_floating_point() and b.shape[1] > length:
-            out.extend(b.split(length, dim=1))
+            whole = b.shape[1] // length * length
+            out.extend(b[:, :whole].split(length, dim=1))
         else:
             out.append(b)
     return out

@@ -261,6 +261,11 @@ def test_calibration_plans_at_plan_tokens(monkeypatch):
                         lambda m, t: checked.append(t.shape[1]) or nll(m, t))
     nanite_compile.convert(model, config=cfg.replace(plan_check=True), calibration=x)
     assert checked == [384, 384]
+    # a shorter last piece would be measured at another length: it is left out
+    tail = nanite_compile.convert(model, config=cfg, calibration=ids(385, 4))
+    assert plans(tail) == plans(nanite_compile.convert(model, config=cfg,
+                                                       calibration=ids(385, 4)[:, :384]))
+    assert "the 1 past the last whole piece unused" in note(tail)
 
 
 def test_the_planner_spends_by_the_costs_not_the_errors():
