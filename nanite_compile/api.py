@@ -572,12 +572,7 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     )
     if bar is not None:
         bar.close()
-    ntok = _calibration_size(batches, used)
-    if [id(b) for b in batches] != [id(b) for b in given]:  # `_cut` cut something
-        left = sum(b.numel() for b in given) - sum(b.numel() for b in batches)
-        ntok += (f", cut from sequences of up to {max(int(b.shape[-1]) for b in given)} "
-                 f"(plan_tokens" + (f"; the {left} past the last whole piece unused" if left else "")
-                 + ")")
+    ntok = _calibration_size(batches, used, given)
     # the sweep (two forwards a site) needs room to move reads between sites
     headroom = _MIN_HEADROOM if by_model else -1e-6
     if plan.floor > plan.budget * (1.0 - headroom):
@@ -646,18 +641,30 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     )
 
 
-def _calibration_size(batches: list[torch.Tensor], used: int | None = None) -> str:
+def _calibration_size(batches: list[torch.Tensor], used: int | None = None,
+                      given: list[torch.Tensor] | None = None) -> str:
     """How much calibration there was, in words: tokens for token ids, else inputs; with
-    ``used``, how much of it the first ``used`` batches held when that is less."""
+    ``used``, how much of it the first ``used`` batches held when that is less; with
+    ``given`` (the calibration before `_cut`), what the cut did to it."""
     tokens = all(b.dim() == 2 and not b.is_floating_point() for b in batches)
 
     def size(bs: list[torch.Tensor]) -> int:
         return sum(int(b.numel() if tokens else b.shape[0]) for b in bs)
 
+    def longest(bs: list[torch.Tensor]) -> int:
+        return max(int(b.shape[-1]) for b in bs)
+
     what = "calibration tokens" if tokens else "calibration inputs"
     part = "" if used is None or used >= len(batches) else f"the first {size(batches[:used])} of "
-    longest = f", the longest sequence {max(int(b.shape[-1]) for b in batches)}" if tokens else ""
-    return f"{part}{size(batches)} {what}{longest}"
+    out = f"{part}{size(batches)} {what}"
+    if not tokens:
+        return out
+    out += f", the longest sequence {longest(batches)}"
+    if given and longest(given) > longest(batches):
+        left = size(given) - size(batches)
+        out += (f", cut from sequences of up to {longest(given)} (plan_tokens"
+                + (f"; the {left} past the last whole piece unused" if left else "") + ")")
+    return out
 
 
 def _cut(batches: list[torch.Tensor], length: int | None) -> list[torch.Tensor]:

@@ -139,7 +139,8 @@ class NaniteConfig:
             the uniform budget: layers' errors compound).
         plan_tokens: with calibration and objective ``"model"``, the sequence
             length the cost model plans at: calibration token sequences longer
-            than this are cut into consecutive pieces of it, so the sweep's
+            than this are cut into consecutive pieces of it (the tokens past the
+            last whole piece are left out), so the sweep's
             forwards, the reads each candidate plan realises and the loss check
             all see one length (a plan's reads depend on the length: near field,
             anchors and summaries are a larger share of a short row). None: the
