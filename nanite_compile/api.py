@@ -24,7 +24,7 @@ import itertools
 import math
 import types
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,22 +121,30 @@ def _share_copy(model: nn.Module) -> nn.Module:
 
 
 def _calibration_batches(calibration: Any) -> list[torch.Tensor] | None:
-    """The calibration input as a list of ``[B, N]`` tensors (an iterable is read once)."""
+    """The calibration input as a list of ``[B, N]`` tensors (an iterable is read once).
+
+    A tokenizer's output (a mapping with ``input_ids``, such as ``tokenizer(texts,
+    padding=True, return_tensors="pt")``) is read as its ``input_ids``; where its
+    ``attention_mask`` marks padding, each row's real tokens become a sequence of their
+    own (padding ids would otherwise be calibrated on as text)."""
     if calibration is None:
         return None
-    if isinstance(calibration, torch.Tensor):
+    if isinstance(calibration, (torch.Tensor, Mapping)):
         items = [calibration]
-    elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes, dict)):
+    elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes)):
         items = list(calibration)
     else:
         raise TypeError(
-            "calibration must be a LongTensor [B, N] of token ids or an iterable of them, "
-            f"got {type(calibration).__name__}"
+            "calibration must be a LongTensor [B, N] of token ids, a tokenizer's output "
+            f"(return_tensors='pt'), or an iterable of them, got {type(calibration).__name__}"
         )
     if not items:
         raise ValueError("calibration is empty: pass token ids [B, N] (e.g. a tokenised text)")
     out = []
     for t in items:
+        if isinstance(t, Mapping):
+            out.extend(_encoding_rows(t))
+            continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"calibration must hold tensors of token ids, got {type(t).__name__}")
         if t.dim() == 1:
@@ -148,6 +156,44 @@ def _calibration_batches(calibration: Any) -> list[torch.Tensor] | None:
             )
         out.append(t)
     return out
+
+
+def _encoding_rows(enc: Mapping) -> list[torch.Tensor]:
+    """A tokenizer's output as calibration tensors: its ``input_ids`` whole when nothing is
+    padding, else each row's unpadded tokens as one ``[1, n]`` sequence."""
+    ids = enc.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        what = ("has no 'input_ids'" if ids is None else
+                f"holds 'input_ids' as {type(ids).__name__}, not a tensor")
+        raise TypeError(
+            f"calibration mapping {what} (keys: {sorted(map(str, enc))}); pass a tokenizer's "
+            f"output with return_tensors='pt', or the token ids [B, N] themselves")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.numel() == 0 or ids.is_floating_point():
+        raise ValueError(f"calibration 'input_ids' must be token ids [B, N], got shape "
+                         f"{tuple(ids.shape)} of {ids.dtype}")
+    mask = enc.get("attention_mask")
+    if mask is None:
+        return [ids]
+    mask = torch.as_tensor(mask).reshape(ids.shape).bool()
+    if bool(mask.all()):
+        return [ids]
+    rows = []
+    for i in range(ids.shape[0]):
+        where = mask[i].nonzero().flatten()
+        if where.numel() == 0:
+            continue  # a row of padding only
+        first, last = int(where[0]), int(where[-1])
+        if where.numel() != last - first + 1:
+            raise ValueError(
+                f"calibration row {i}'s attention_mask has gaps (positions {first}..{last} "
+                f"hold {where.numel()} real tokens): only padding before or after a row's "
+                f"tokens can be removed; pass the rows as separate token-id tensors")
+        rows.append(ids[i:i + 1, first:last + 1])
+    if not rows:
+        raise ValueError("calibration is empty: every row's attention_mask is 0 (all padding)")
+    return rows
 
 
 def _token_inputs(model: nn.Module, name: str, ids: torch.Tensor) -> dict:
@@ -827,7 +873,8 @@ def convert(
         budget: share of the original attention's key reads to keep, in
             ``(0, 1]`` (default 0.25; 1.0 keeps attention exact). Overrides
             ``config.budget``.
-        calibration: token ids ``[B, N]`` (or an iterable of them). They are
+        calibration: token ids ``[B, N]``, a tokenizer's output (``input_ids``,
+            each row without its padding), or an iterable of them. They are
             run through the model with every site exact while each site's
             inputs are kept, and the cost model (``nanite_compile.planner``)
             spends the budget across sites where it helps most: by default

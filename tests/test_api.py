@@ -565,6 +565,49 @@ def test_bad_calibration_is_a_type_error(llama, cal):
         nanite_compile.convert(llama, budget=0.25, calibration=cal)
 
 
+def test_calibration_from_a_tokenizers_output(llama):
+    """A tokenizer's output (BatchEncoding) is calibrated on as its input_ids; rows with
+    padding become their unpadded tokens, right or left padded, so padding ids are never
+    calibrated on as text."""
+    from transformers import BatchEncoding
+
+    from nanite_compile.api import _calibration_batches
+
+    x = ids(96, batch=2, seed=5)
+    whole = _calibration_batches(BatchEncoding({"input_ids": x, "attention_mask": torch.ones_like(x)}))
+    assert len(whole) == 1 and torch.equal(whole[0], x)
+    mask = torch.ones_like(x)
+    mask[0, 80:] = 0  # right padding
+    mask[1, :10] = 0  # left padding
+    rows = _calibration_batches([BatchEncoding({"input_ids": x, "attention_mask": mask}), x[:1, :5]])
+    assert [tuple(r.shape) for r in rows] == [(1, 80), (1, 86), (1, 5)]
+    assert torch.equal(rows[0][0], x[0, :80]) and torch.equal(rows[1][0], x[1, 10:])
+    # convert plans on the unpadded rows exactly as on them passed by hand
+    enc = BatchEncoding({"input_ids": x, "attention_mask": mask})
+    a = nanite_compile.convert(llama, budget=0.25, calibration=enc, config=tile_cfg())
+    b = nanite_compile.convert(llama, budget=0.25, calibration=[x[:1, :80], x[1:, 10:]],
+                               config=tile_cfg())
+    assert ({s.site: s.plan for s in nanite_compile.report(a).sites}
+            == {s.site: s.plan for s in nanite_compile.report(b).sites})
+    assert torch.equal(logits(a, ids(150)), logits(b, ids(150)))
+
+
+@pytest.mark.parametrize(("cal", "exc", "match"), [
+    ({"attention_mask": torch.ones(1, 8)}, TypeError, r"has no 'input_ids'.*return_tensors='pt'"),
+    ({"input_ids": [[1, 2, 3]]}, TypeError, r"'input_ids' as list, not a tensor"),
+    ({"input_ids": torch.ones(1, 4, dtype=torch.long),
+      "attention_mask": torch.tensor([[1, 0, 1, 1]])}, ValueError, r"row 0's attention_mask has gaps"),
+    ({"input_ids": torch.ones(2, 4, dtype=torch.long),
+      "attention_mask": torch.zeros(2, 4)}, ValueError, r"all padding"),
+    ({"input_ids": torch.ones(2, 4)}, ValueError, r"must be token ids"),
+], ids=["no-ids", "lists", "gaps", "all-padding", "floats"])
+def test_bad_tokenizer_output_is_a_clear_error(cal, exc, match):
+    from nanite_compile.api import _calibration_batches
+
+    with pytest.raises(exc, match=match):
+        _calibration_batches(cal)
+
+
 def test_reconverting_a_converted_model(llama, llama_quarter):
     x = ids(150, seed=7)
     want = logits(llama, x)
