@@ -222,11 +222,8 @@ def _probe_inputs(model: nn.Module, calibration: list[torch.Tensor] | None) -> t
         vocab = getattr(cfg, "vocab_size", None)
         if vocab is None and hasattr(cfg, "get_text_config"):
             vocab = getattr(cfg.get_text_config(), "vocab_size", None)
-        limit = None
-        for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
-            limit = limit or getattr(cfg, attr, None)
-        # two positions short of the table: RoBERTa-style models start positions at pad + 1
-        n = min(_PROBE_TOKENS, int(limit) - 2) if limit else _PROBE_TOKENS
+        limit = _context_limit(model)
+        n = min(_PROBE_TOKENS, limit) if limit else _PROBE_TOKENS
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, int(vocab or 100), (1, n), generator=g).to(dev)
         return (), _token_inputs(model, name, ids)
@@ -237,6 +234,16 @@ def _probe_inputs(model: nn.Module, calibration: list[torch.Tensor] | None) -> t
         g = torch.Generator().manual_seed(0)
         return (), {"pixel_values": torch.randn(1, ch, size, size, generator=g).to(dev)}
     return None
+
+
+def _context_limit(model: nn.Module) -> int | None:
+    """The most tokens a Hugging Face model's position table takes (None: no table)."""
+    cfg = getattr(model, "config", None)
+    limit = None
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        limit = limit or getattr(cfg, attr, None)
+    # two positions short of the table: RoBERTa-style models start positions at pad + 1
+    return max(1, int(limit) - 2) if isinstance(limit, int) and limit > 0 else None
 
 
 def _shortened(probe: tuple[tuple, dict]) -> tuple[tuple, dict]:
@@ -618,7 +625,8 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     )
     if bar is not None:
         bar.close()
-    ntok = _calibration_size(batches, used, given)
+    ntok = _calibration_size(batches, used, given,
+                             state.config.plan_tokens if by_model else None)
     # the sweep (two forwards a site) needs room to move reads between sites
     headroom = _MIN_HEADROOM if by_model else -1e-6
     if plan.floor > plan.budget * (1.0 - headroom):
@@ -688,10 +696,11 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
 
 
 def _calibration_size(batches: list[torch.Tensor], used: int | None = None,
-                      given: list[torch.Tensor] | None = None) -> str:
+                      given: list[torch.Tensor] | None = None, plan_tokens: int | None = None) -> str:
     """How much calibration there was, in words: tokens for token ids, else inputs; with
     ``used``, how much of it the first ``used`` batches held when that is less; with
-    ``given`` (the calibration before `_cut`), what the cut did to it."""
+    ``given`` (the calibration before `_cut`), what the cut did to it, and why: pieces of
+    ``plan_tokens``, else the model's position table."""
     tokens = all(b.dim() == 2 and not b.is_floating_point() for b in batches)
 
     def size(bs: list[torch.Tensor]) -> int:
@@ -708,7 +717,9 @@ def _calibration_size(batches: list[torch.Tensor], used: int | None = None,
     out += f", the longest sequence {longest(batches)}"
     if given and longest(given) > longest(batches):
         left = size(given) - size(batches)
-        out += (f", cut from sequences of up to {longest(given)} (plan_tokens"
+        why = ("plan_tokens" if longest(batches) == plan_tokens else
+               "the model's position table")
+        out += (f", cut from sequences of up to {longest(given)} ({why}"
                 + (f"; the {left} past the last whole piece unused" if left else "") + ")")
     return out
 
@@ -906,8 +917,14 @@ def _convert(model: nn.Module, *, budget: Any = _UNSET, calibration: Any = None,
     _check_model(model)
     cfg = _resolve_config(budget, config)
     given = _calibration_batches(calibration)
-    # the sweep, the read measurement, the loss check and the probe see one length
-    batches = _cut(given, cfg.plan_tokens) if given and cfg.objective == "model" else given
+    # the sweep, the read measurement, the loss check and the probe see one length, and
+    # no calibration forward runs past the model's position table (a long text given as
+    # one sequence would otherwise fail inside the model's embedding)
+    length = cfg.plan_tokens if cfg.objective == "model" else None
+    limit = _context_limit(model)
+    if limit is not None and (length is None or length > limit):
+        length = limit
+    batches = _cut(given, length) if given else given
     converted = _share_copy(model)
     state = _NaniteState(config=cfg, tag=f"@c{next(_CONVERSIONS)}")
     converted.__dict__["_nanite_state"] = state

@@ -608,6 +608,27 @@ def test_bad_tokenizer_output_is_a_clear_error(cal, exc, match):
         _calibration_batches(cal)
 
 
+@pytest.mark.parametrize("objective", ["model", "site"])
+def test_calibration_is_cut_to_the_models_position_table(objective):
+    """A text longer than the model's context, given as one sequence, is calibrated on in
+    pieces the model takes (GPT-2's position embedding raised IndexError inside convert)."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=66, vocab_size=100,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    text = torch.randint(0, 100, (1, 200), generator=torch.Generator().manual_seed(3))
+    conf = NaniteConfig(tile=8, objective=objective)
+    conv = nanite_compile.convert(model, budget=0.25, calibration=text, config=conf)
+    notes = " ".join(nanite_compile.report(conv).notes)
+    assert "cut from sequences of up to 200 (the model's position table; the 8 past" in notes
+    pieces = [text[:, i:i + 64] for i in (0, 64, 128)]
+    ref = nanite_compile.convert(model, budget=0.25, calibration=pieces, config=conf)
+    assert ({s.site: s.plan for s in nanite_compile.report(conv).sites}
+            == {s.site: s.plan for s in nanite_compile.report(ref).sites})
+    with torch.no_grad():
+        assert torch.equal(conv(text[:, :64]).logits, ref(text[:, :64]).logits)
+
+
 def test_reconverting_a_converted_model(llama, llama_quarter):
     x = ids(150, seed=7)
     want = logits(llama, x)
