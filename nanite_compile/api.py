@@ -237,13 +237,20 @@ def _probe_inputs(model: nn.Module, calibration: list[torch.Tensor] | None) -> t
 
 
 def _context_limit(model: nn.Module) -> int | None:
-    """The most tokens a Hugging Face model's position table takes (None: no table)."""
+    """The most tokens a Hugging Face model takes: its configured positions
+    (``max_position_embeddings``, ``n_positions``, ``max_seq_len``), less the offset of
+    a learned position table that starts after a padding index (RoBERTa: 514 - 2), or
+    None without such a setting."""
     cfg = getattr(model, "config", None)
     limit = None
     for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
         limit = limit or getattr(cfg, attr, None)
-    # two positions short of the table: RoBERTa-style models start positions at pad + 1
-    return max(1, int(limit) - 2) if isinstance(limit, int) and limit > 0 else None
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    offset = max((m.padding_idx + 1 for m in model.modules()
+                  if isinstance(m, nn.Embedding) and m.num_embeddings == limit
+                  and m.padding_idx is not None), default=0)
+    return max(1, limit - offset)
 
 
 def _shortened(probe: tuple[tuple, dict]) -> tuple[tuple, dict]:

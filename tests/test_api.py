@@ -355,14 +355,15 @@ def test_report_sites_say_what_was_done(llama_quarter):
 
 
 def test_report_notes_a_budget_the_input_is_too_short_for(llama, llama_quarter):
-    """On the 254-token probe, near field, anchors and one read per older tile alone
-    are about two thirds of the original reads: the report says the budget was not met,
-    by how much, and why; a plan that can meet it gets no such note."""
+    """On the 256-token probe (the tiny Llama's whole context), near field, anchors and
+    one read per older tile alone are about two thirds of the original reads: the report
+    says the budget was not met, by how much, and why; a plan that can meet it gets no
+    such note."""
     rep = nanite_compile.report(llama_quarter)
     ratios = [s.reads_per_query / s.exact_reads_per_query for s in rep.sites]
     assert min(ratios) > 0.25 * 1.05
     [note] = [n for n in rep.notes if "more than their budget" in n]
-    assert f"x{max(ratios):.3f}" in note and "budget 0.25" in note and "254 tokens" in note
+    assert f"x{max(ratios):.3f}" in note and "budget 0.25" in note and "256 tokens" in note
     assert "near field (4 tiles of 16)" in note and "2 anchor tile(s)" in note
     lean = nanite_compile.convert(llama, budget=0.5, config=tile_cfg(window=1, anchors=0))
     rep = nanite_compile.report(lean)
@@ -612,10 +613,19 @@ def test_bad_tokenizer_output_is_a_clear_error(cal, exc, match):
 def test_calibration_is_cut_to_the_models_position_table(objective):
     """A text longer than the model's context, given as one sequence, is calibrated on in
     pieces the model takes (GPT-2's position embedding raised IndexError inside convert)."""
+    from nanite_compile.api import _context_limit
+
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=66, vocab_size=100,
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=100,
                                   bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
+    assert _context_limit(model) == 64
+    # a RoBERTa-style table starts after its padding index (1): 66 rows take 64 tokens
+    roberta = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=64,
+                                         max_position_embeddings=66)
+    assert _context_limit(transformers.RobertaModel(roberta)) == 64
+    assert _context_limit(nn.Linear(2, 2)) is None
     text = torch.randint(0, 100, (1, 200), generator=torch.Generator().manual_seed(3))
     conf = NaniteConfig(tile=8, objective=objective)
     conv = nanite_compile.convert(model, budget=0.25, calibration=text, config=conf)
