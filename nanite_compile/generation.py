@@ -752,6 +752,7 @@ def _install_mask_hook(model: nn.Module) -> None:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(cache, NaniteCache):
             cache._mask = kwargs.get("attention_mask")
+            _one_token_prompt(cache, args, kwargs)
         tokens.append(_ACTIVE.set(cache if isinstance(cache, NaniteCache) else None))
 
     def leave(module, args, kwargs, out):
@@ -762,6 +763,24 @@ def _install_mask_hook(model: nn.Module) -> None:
         model.register_forward_pre_hook(enter, with_kwargs=True),
         model.register_forward_hook(leave, with_kwargs=True, always_call=True),
     )
+
+
+def _one_token_prompt(cache: NaniteCache, args: tuple, kwargs: dict) -> None:
+    """Before a prompt of one token, tell each fresh layer the length it will return.
+
+    `cache_update` takes one new token for a decode step, whose output length is the
+    layer's ``next_shape`` (set after each update; before the first it is a placeholder,
+    not 1, which Dynamo would specialise on). A one-token prompt is also one new token,
+    so its length is set here, outside any trace, from the call's inputs."""
+    x = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if x is None and args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != 1:
+        return
+    for layer in cache.layers:
+        if layer.seen == 0:
+            layer.next_shape = torch.empty(0, layer.schedule.compressed_length(1),
+                                           dtype=torch.uint8, device=x.device)
 
 
 @torch.library.custom_op("nanite::cache_update", mutates_args=(), device_types=None)

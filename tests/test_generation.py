@@ -199,6 +199,21 @@ def test_budget_one_greedy_identical_left_padded_batch(llama, converted):
     assert torch.equal(out, ref)
 
 
+def test_one_token_prompt(llama, converted):
+    """A prompt of one token (a BOS alone) is one new token too: the cache returned its
+    compressed entries where the traced op expected the decode placeholder's length."""
+    ids = _prompt(b=2, n=1)
+    ref = llama.generate(ids, max_new_tokens=25, do_sample=False)
+    assert torch.equal(nanite_compile.generate(converted[1.0], ids, max_new_tokens=25,
+                                               do_sample=False), ref)
+    cache = NaniteCache(converted[0.25], context=128)
+    out = converted[0.25].generate(ids, cache=cache, max_new_tokens=90, min_new_tokens=90,
+                                   do_sample=False)
+    assert out.shape == (2, 91)
+    for layer in cache.layers:  # past the near field and anchors: it compressed
+        assert layer.keys.shape[2] == layer.schedule.compressed_length(90) < 90
+
+
 def test_bounded_greedy_and_sampling_run(converted):
     model = converted[0.25]
     ids = _prompt(b=2, n=90)
