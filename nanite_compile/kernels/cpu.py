@@ -136,7 +136,10 @@ def _workspace(slot: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         bufs = _WORKSPACE.bufs = {}
     buf = bufs.get((slot, dtype))
     if buf is None or buf.numel() < numel:
-        buf = bufs[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+        # a normal tensor even when first needed under torch.inference_mode(): an inference
+        # tensor cannot be written outside it, and the buffer outlives the call
+        with torch.inference_mode(False):
+            buf = bufs[(slot, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 

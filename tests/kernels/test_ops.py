@@ -176,6 +176,27 @@ def test_op_matches_the_reference_arithmetic():
     assert_golden(out, golden, base)
 
 
+def test_inference_mode_then_outside():
+    """The CPU path's reusable scratch, first grown under torch.inference_mode(), stays
+    writable after it (it was an inference tensor: every later call outside failed)."""
+    import threading
+
+    def run(out):
+        q, k, v = qkv(1, 4, 2, 300, 300, 16, seed=4, dtype=torch.float32)
+        args = (q, k, v, None, 0.25, True, *plan(0.25, tile=16, window=2, features=8))
+        with torch.inference_mode():
+            out.append(OP(*args))
+        with torch.no_grad():
+            out.append(OP(*args))
+        out.append(OP(*args))
+
+    outs: list = []
+    t = threading.Thread(target=run, args=(outs,))  # a fresh thread: a fresh scratch
+    t.start()
+    t.join()
+    assert len(outs) == 3 and all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
 def test_recording():
     """Per-site records: path, reason, reads against the original, relative error."""
     q, k, v = qkv(1, 4, 2, 256, 256, 16, seed=5, dtype=torch.float32)
