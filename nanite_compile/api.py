@@ -947,6 +947,14 @@ def _convert(model: nn.Module, *, budget: Any = _UNSET, calibration: Any = None,
     except Exception as e:
         if state.installed:  # failed after attention was captured: not the probe's doing
             raise
+        if given is not None:  # the user's calibration, not a made-up probe: say so
+            name = getattr(model, "main_input_name", None)
+            raise ValueError(
+                f"the model's forward failed on the first calibration tensor (shape "
+                f"{tuple(batches[0].shape)}, {batches[0].dtype}): {type(e).__name__}: {e}; "
+                f"calibration must be inputs {type(model).__name__} takes"
+                + (f" as {name} (token ids [B, N] within its vocabulary)" if name else "")
+            ) from e
         # the model refused the made-up probe (an input it needs that the probe lacks):
         # find the attention at the first real forward instead, as without a probe
         state.pending = True

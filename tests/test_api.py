@@ -639,6 +639,17 @@ def test_calibration_is_cut_to_the_models_position_table(objective):
         assert torch.equal(conv(text[:, :64]).logits, ref(text[:, :64]).logits)
 
 
+@pytest.mark.parametrize("bad", ["float", "out-of-vocab"])
+def test_calibration_the_model_refuses_is_an_error(llama, bad):
+    """Calibration the model cannot run is the user's input, not a made-up probe: an error
+    that says so (it was swallowed as a failed probe, and the cost model never ran)."""
+    x = ids(96)
+    cal = x.float() if bad == "float" else x + VOCAB
+    with pytest.raises(ValueError, match=r"forward failed on the first calibration tensor.*"
+                                         r"LlamaForCausalLM takes as input_ids"):
+        nanite_compile.convert(llama, budget=0.25, calibration=cal)
+
+
 def test_reconverting_a_converted_model(llama, llama_quarter):
     x = ids(150, seed=7)
     want = logits(llama, x)
