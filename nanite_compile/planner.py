@@ -151,6 +151,7 @@ def measure_site(
         ref_sq += float(ref.pow(2).sum())
         nq = q.shape[0] * q.shape[1] * q.shape[2]
         exact_here = None
+        uncounted = []  # candidates that ran exact without a count: the sample's exact reads
         reuse: dict = {}  # density and mass estimate, shared by the ladder's budgets
         for i, b in enumerate(budgets):
             if b >= 1.0:
@@ -164,14 +165,17 @@ def measure_site(
             if st.get("path") == "tiled":
                 reads[i] += float(st["reads_per_query"]) * nq
                 exact_here = er
-            else:  # ran exact (too short, or a mask it cannot read): costs the original
-                reads[i] += math.nan if er is None else float(er) * nq
-                exact_here = er if er is not None else exact_here
+            elif er is None:  # ran exact without a count (too short): counted below
+                uncounted.append(i)
+            else:  # ran exact (a mask it cannot read): costs the original
+                reads[i] += float(er) * nq
+                exact_here = er
         if exact_here is None:  # every candidate ran exact without a count: count keys
             exact_here = float(k.shape[2]) if not causal else (k.shape[2] + 1) / 2.0
+        for i in uncounted:
+            reads[i] += float(exact_here) * nq
         exact_total += float(exact_here) * nq
         reads[-1] += float(exact_here) * nq
-    reads = [r if not math.isnan(r) else exact_total for r in reads]
     errors = [math.sqrt(e / ref_sq) if ref_sq > 0 else 0.0 for e in sq_err]
     errors[-1] = 0.0
     # A candidate is labelled with the share of reads it really spent: at the

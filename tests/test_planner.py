@@ -296,6 +296,23 @@ def test_measured_error_falls_with_budget():
     assert curve.reads[-1] == pytest.approx(curve.exact_reads)
 
 
+def test_a_short_sample_adds_its_exact_reads_only():
+    """A sample too short to tile runs exact and adds its own exact reads to every
+    candidate; it does not make the whole candidate read like the original (one 3-token
+    sequence in the calibration turned every candidate exact and stopped the plan)."""
+    q, k, v = retrieval_qkv(seed=5)
+    long = (q, k, v, None, 0.25, True)
+    short = (q[:, :, :3], k[:, :, :3], v[:, :, :3], None, 0.25, True)
+    ladder = (0.1, 0.35)
+    alone = planner.measure_site("s", [long], params(), ladder=ladder)
+    both = planner.measure_site("s", [long, short], params(), ladder=ladder)
+    nq_short = q.shape[0] * q.shape[1] * 3
+    extra = 2.0 * nq_short  # causal, 3 keys: (3 + 1) / 2 reads a query
+    assert both.exact_reads == pytest.approx(alone.exact_reads + extra)
+    assert both.reads == pytest.approx([r + extra for r in alone.reads])
+    assert both.reads[0] < 0.5 * both.exact_reads
+
+
 # --- the op's per-site plans ----------------------------------------------------------
 
 
