@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -609,6 +610,21 @@ def _layer_plans(model: nn.Module, n_layers: int) -> tuple[Any, dict[int, TilePa
     return state, by_layer
 
 
+def _sliding_window(text_cfg: Any, state: Any) -> tuple[int, str] | None:
+    """The model's attention window in tokens and where it was found, or None: a
+    config's ``sliding_window`` (unless ``use_sliding_window`` turns it off), or a site
+    whose measured mask was a sliding window."""
+    w = getattr(text_cfg, "sliding_window", None)
+    if isinstance(w, int) and w > 0 and getattr(text_cfg, "use_sliding_window", True) is not False:
+        return w, f"sliding_window={w} in its config"
+    for be in state.backends.values():
+        for site in be.sites:
+            found = re.match(r"sliding-window\((\d+)\)", getattr(site, "runtime_mask", "") or "")
+            if found:
+                return int(found.group(1)), f"{site.site}: {found.group(0)}"
+    return None
+
+
 def _is_exact(p: TileParams) -> bool:
     return p.budget_reads is None and p.budget >= 1.0
 
@@ -672,6 +688,14 @@ class NaniteCache(Cache):
         # below budget 1.0 every layer hands the op a registered cache (an exact layer
         # too), and the Hugging Face mask covers only the new token (see get_mask_sizes)
         self.bounded = not all(sc.exact for sc in self.schedules)
+        window = _sliding_window(text_cfg, state) if self.bounded else None
+        if window is not None and window[0] < context:
+            raise ValueError(
+                f"{type(model).__name__} uses sliding-window attention ({window[1]}), which the "
+                f"bounded cache does not follow past the window (it would keep summaries of "
+                f"tiles outside it) and this cache's context is {context} tokens: generate "
+                f"without a NaniteCache (model.generate keeps the model's own cache, and its "
+                f"attention is still the tiled op), or with context <= {window[0]}")
         scales = {}
         for mod in model.modules():
             idx, sc = getattr(mod, "layer_idx", None), getattr(mod, "scaling", None)

@@ -287,3 +287,36 @@ def test_state_scale_mismatch_is_an_error():
     with pytest.raises(ValueError, match="scale"):
         decode_attention(torch.randn(1, 4, 1, 16), layer.entry, scale=1.0)
     assert math.isfinite(float(decode_attention(torch.randn(1, 4, 1, 16), layer.entry, 0.25).sum()))
+
+
+def _mistral(window):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=512,
+                                     sliding_window=window)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def test_a_sliding_window_the_cache_cannot_follow_is_refused():
+    """The bounded cache keeps summaries of old tiles, which a sliding window must not
+    see: decoding a Mistral of window 40 through it gave wrong logits from the second
+    step on. Below budget 1.0 it is refused past the window and allowed within it; at
+    budget 1.0 the cache is the full one and the model's mask applies the window."""
+    model = _mistral(40)
+    conv = nanite_compile.convert(model, config=NaniteConfig(budget=0.25, tile=16))
+    with pytest.raises(ValueError, match=r"sliding-window attention \(sliding_window=40"):
+        NaniteCache(conv)
+    with pytest.raises(ValueError, match=r"context is 41 tokens.*context <= 40"):
+        nanite_compile.generate(conv, _prompt(n=31), max_new_tokens=10)
+    ids = _prompt(n=30)
+    ref = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(nanite_compile.generate(conv, ids, max_new_tokens=10, do_sample=False), ref)
+    exact = nanite_compile.convert(model, config=NaniteConfig(budget=1.0, tile=16))
+    long = _prompt(n=60)
+    assert torch.equal(nanite_compile.generate(exact, long, max_new_tokens=10, do_sample=False),
+                       model.generate(long, max_new_tokens=10, do_sample=False))
