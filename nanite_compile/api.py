@@ -942,9 +942,17 @@ def _convert(model: nn.Module, *, budget: Any = _UNSET, calibration: Any = None,
         _capture_on_first_call(converted, state, plans)
         return converted
     was_training = converted.training
+    # captured, calibrated and measured as it will serve: in training mode an attention's
+    # dropout_p is a run-time value (even 0.0), and every site would be left exact
+    converted.eval()
+    if was_training:
+        state.notes.append(
+            "the model was in training mode: it was captured in eval mode (called in training "
+            "mode, an attention whose dropout_p is set at run time runs exact)")
     try:
         _capture(converted, state, *_shortened(probe))
     except Exception as e:
+        converted.train(was_training)
         if state.installed:  # failed after attention was captured: not the probe's doing
             raise
         if given is not None:  # the user's calibration, not a made-up probe: say so

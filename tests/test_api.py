@@ -650,6 +650,28 @@ def test_calibration_the_model_refuses_is_an_error(llama, bad):
         nanite_compile.convert(llama, budget=0.25, calibration=cal)
 
 
+def test_a_model_in_training_mode_is_captured_in_eval_mode(tmp_path):
+    """In training mode Llama's SDPA gets dropout_p as a run-time value (0.0), and every
+    site was skipped as "dropout_p is not 0", so that load() onto a model in training
+    mode failed too. Capture runs in eval mode; the model is handed back in the mode it
+    came in, and in training mode its attention runs exact."""
+    model = _tiny_llama().train()
+    conv = nanite_compile.convert(model, budget=0.25, config=tile_cfg())
+    rep = nanite_compile.report(conv)
+    assert [s.status for s in rep.sites] == ["rewritten", "rewritten"], rep
+    assert any("captured in eval mode" in n for n in rep.notes), rep.notes
+    assert conv.training and model.training
+    x = ids(150)
+    with recording() as rec, torch.no_grad():
+        conv.eval()(input_ids=x)
+    assert all(r["path"] == "tiled" for recs in rec.values() for r in recs), rec
+    with torch.no_grad():
+        torch.testing.assert_close(conv.train()(input_ids=x).logits, model(input_ids=x).logits)
+    nanite_compile.save(conv, tmp_path)
+    loaded = nanite_compile.load(tmp_path, _tiny_llama().train())
+    assert [s.status for s in nanite_compile.report(loaded).sites] == ["rewritten", "rewritten"]
+
+
 def test_reconverting_a_converted_model(llama, llama_quarter):
     x = ids(150, seed=7)
     want = logits(llama, x)

@@ -70,7 +70,10 @@ def mask_kind_of(mask, is_causal) -> str:
 def sdpa_skip_reason(a: dict) -> str | None:
     """Why an SDPA call must stay exact, or None."""
     drop = a["dropout_p"]
-    if isinstance(drop, fx.Node) or (drop not in (0, 0.0)):
+    if isinstance(drop, fx.Node):
+        return ("dropout_p is set at run time (training mode; attention dropout is not tiled): "
+                "run the model in eval mode")
+    if drop not in (0, 0.0):
         return "dropout_p is not 0 (training-time dropout inside attention)"
     if isinstance(a["is_causal"], fx.Node):
         return "is_causal is not a constant"
