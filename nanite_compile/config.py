@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from .kernels.levels import DEFAULT_MAX_LEVEL, DEFAULT_SHARPNESS, SELECTS
 
@@ -36,7 +39,9 @@ def check_budget(budget: Any, name: str = "budget") -> float:
         TypeError: ``budget`` is not a real number.
         ValueError: ``budget`` is NaN or outside ``(0, 1]``.
     """
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+    if isinstance(budget, torch.Tensor) and budget.numel() == 1 and budget.is_floating_point():
+        budget = budget.item()  # a 0-d tensor from a sweep
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(
             f"{name} must be a number in (0, 1] (the share of the original attention's "
             f"key reads to keep, e.g. 0.25), got {type(budget).__name__} {budget!r}"

@@ -159,6 +159,7 @@ def save(converted: nn.Module, directory: str | os.PathLike, *, source: str | No
 
     Raises:
         TypeError, ValueError: ``converted`` is not a converted model.
+        FileExistsError: ``directory`` is an existing file.
     """
     from safetensors.torch import save as st_save
 
@@ -195,6 +196,9 @@ def save(converted: nn.Module, directory: str | os.PathLike, *, source: str | No
         },
     }
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; save writes a directory ({JSON_NAME} and "
+                              f"{TENSORS_NAME}): pass a directory path")
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / TENSORS_NAME, blob)
     path = out / JSON_NAME

@@ -126,6 +126,18 @@ BAD_BUDGETS = [
 ]
 
 
+def test_numpy_and_tensor_budgets_are_numbers():
+    """A budget from numpy or a 0-d tensor (a sweep over np.linspace) is a number."""
+    import numpy as np
+
+    for b in (np.float32(0.5), np.float64(0.25), torch.tensor(0.1)):
+        cfg = NaniteConfig(budget=b)
+        assert type(cfg.budget) is float and cfg.budget == pytest.approx(float(b))
+        assert json.loads(cfg.to_json())["budget"] == cfg.budget
+    with pytest.raises(TypeError, match="budget must be a number"):
+        NaniteConfig(budget=torch.tensor([0.1, 0.2]))
+
+
 @pytest.mark.parametrize(
     ("budget", "exc", "match"), BAD_BUDGETS, ids=["0", "-1", "1.5", "nan", "str", "True", "None"]
 )

@@ -84,6 +84,14 @@ def test_files_are_json_and_safetensors(saved):
     assert s.report.to_json() == rep.to_json()
 
 
+def test_saving_onto_a_file_is_a_clear_error(saved, tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="is a file; save writes a directory"):
+        nanite_compile.save(saved[1], f)
+    assert f.read_bytes() == b"x"
+
+
 def test_round_trip_is_bitwise(saved):
     model, converted, d = saved
     loaded = nanite_compile.load(d, model)
