@@ -607,11 +607,17 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
     by_model = state.config.objective == "model"
     used = 0
     with torch.no_grad(), _ops.collecting(max_calls=_CALIBRATION_SAMPLES) as got:
-        for ids in _progress(batches, "nanite: calibration forwards"):
-            if name:
-                converted(**_token_inputs(converted, name, ids))
-            else:
-                converted(ids)
+        for i, ids in enumerate(_progress(batches, "nanite: calibration forwards")):
+            try:
+                if name:
+                    converted(**_token_inputs(converted, name, ids))
+                else:
+                    converted(ids)
+            except (IndexError, RuntimeError, TypeError, ValueError) as e:
+                raise ValueError(
+                    f"the model's forward failed on calibration piece {i} (shape "
+                    f"{tuple(ids.shape)}, {ids.dtype}): {type(e).__name__}: {e}; calibration "
+                    f"must be inputs {type(converted).__name__} takes") from e
             used += 1
             # the cost model measures each site on its first samples up to _PLAN_QUERIES
             # queries (`_enough`): once every site called has them, later batches would

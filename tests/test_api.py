@@ -660,6 +660,9 @@ def test_calibration_the_model_refuses_is_an_error(llama, bad):
     with pytest.raises(ValueError, match=r"forward failed on the first calibration tensor.*"
                                          r"LlamaForCausalLM takes as input_ids"):
         nanite_compile.convert(llama, budget=0.25, calibration=cal)
+    # a later piece: the same, naming it
+    with pytest.raises(ValueError, match=r"forward failed on calibration piece 1 \(shape \(1, 96\)"):
+        nanite_compile.convert(llama, budget=0.25, calibration=[x, cal])
 
 
 def test_a_model_in_training_mode_is_captured_in_eval_mode(tmp_path):
