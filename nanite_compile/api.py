@@ -196,6 +196,15 @@ def _encoding_rows(enc: Mapping) -> list[torch.Tensor]:
     return rows
 
 
+def _refused(model: nn.Module, what: str, t: torch.Tensor, e: Exception) -> ValueError:
+    """The error for calibration the model's forward refused (raised ``from e``)."""
+    name = getattr(model, "main_input_name", None)
+    return ValueError(
+        f"the model's forward failed on {what} (shape {tuple(t.shape)}, {t.dtype}): "
+        f"{type(e).__name__}: {e}; calibration must be inputs {type(model).__name__} takes"
+        + (f" as {name} (token ids [B, N] within its vocabulary)" if name else ""))
+
+
 def _token_inputs(model: nn.Module, name: str, ids: torch.Tensor) -> dict:
     """Keyword inputs of a forward on token ids: ``{name: ids}``, and for an
     encoder-decoder (T5) the same tokens as ``decoder_input_ids``, without which its
@@ -614,10 +623,7 @@ def _calibrate(converted: nn.Module, state: _NaniteState, batches: list[torch.Te
                 else:
                     converted(ids)
             except (IndexError, RuntimeError, TypeError, ValueError) as e:
-                raise ValueError(
-                    f"the model's forward failed on calibration piece {i} (shape "
-                    f"{tuple(ids.shape)}, {ids.dtype}): {type(e).__name__}: {e}; calibration "
-                    f"must be inputs {type(converted).__name__} takes") from e
+                raise _refused(converted, f"calibration piece {i}", ids, e) from e
             used += 1
             # the cost model measures each site on its first samples up to _PLAN_QUERIES
             # queries (`_enough`): once every site called has them, later batches would
@@ -962,13 +968,7 @@ def _convert(model: nn.Module, *, budget: Any = _UNSET, calibration: Any = None,
         if state.installed:  # failed after attention was captured: not the probe's doing
             raise
         if given is not None:  # the user's calibration, not a made-up probe: say so
-            name = getattr(model, "main_input_name", None)
-            raise ValueError(
-                f"the model's forward failed on the first calibration tensor (shape "
-                f"{tuple(batches[0].shape)}, {batches[0].dtype}): {type(e).__name__}: {e}; "
-                f"calibration must be inputs {type(model).__name__} takes"
-                + (f" as {name} (token ids [B, N] within its vocabulary)" if name else "")
-            ) from e
+            raise _refused(model, "the first calibration tensor", batches[0], e) from e
         # the model refused the made-up probe (an input it needs that the probe lacks):
         # find the attention at the first real forward instead, as without a probe
         state.pending = True
