@@ -375,6 +375,10 @@ def _sdpa_as_nanite(backend: NaniteBackend, args: tuple, kwargs: dict):
     )
 
 
+# compiled variants a rewritten site keeps (Dynamo's default is 8 per code object)
+_RECOMPILE_LIMIT = 64
+
+
 def _install(module: nn.Module, backend: NaniteBackend) -> None:
     fwd = module.forward
     fn = fwd.__func__ if isinstance(fwd, types.MethodType) else type(module).forward
@@ -389,7 +393,19 @@ def _install(module: nn.Module, backend: NaniteBackend) -> None:
                 _warn_outer_trace(backend)
             with _SDPAToNanite(backend):
                 return fn(self, *args, **kwargs)
-        return compiled(self, *args, **kwargs)
+        # each call signature (batch 1 or more, prefill or decode, each cache kind, kwargs)
+        # is one compiled variant of this site; past Dynamo's limit a new one would run
+        # the original attention, silently (five generate() variants reached 8)
+        # (set and restored by hand: config.patch costs 120 us a call, 4% of a decode step)
+        cfg = torch._dynamo.config
+        before = cfg.recompile_limit
+        if before >= _RECOMPILE_LIMIT:
+            return compiled(self, *args, **kwargs)
+        cfg.recompile_limit = _RECOMPILE_LIMIT
+        try:
+            return compiled(self, *args, **kwargs)
+        finally:
+            cfg.recompile_limit = before
 
     forward.__wrapped__ = fn
     module.forward = types.MethodType(forward, module)

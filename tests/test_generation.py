@@ -320,3 +320,22 @@ def test_a_sliding_window_the_cache_cannot_follow_is_refused():
     long = _prompt(n=60)
     assert torch.equal(nanite_compile.generate(exact, long, max_new_tokens=10, do_sample=False),
                        model.generate(long, max_new_tokens=10, do_sample=False))
+
+
+def test_many_call_variants_keep_the_tiled_path():
+    """Each generate() variant (beams, a static cache, no cache, returned attentions, batch
+    1 or 2) is a compiled variant of every site; past Dynamo's default limit of 8 a new
+    one ran the original attention, silently. Sites keep up to 64."""
+    from nanite_compile.kernels.ops import recording
+
+    model = tiny_llama(max_pos=512, impl="sdpa")
+    model.generation_config.pad_token_id = 0
+    conv = nanite_compile.convert(model, budget=0.25)
+    ids = _prompt(b=2, n=300)
+    for kw in [{}, dict(num_beams=3), dict(cache_implementation="static"), dict(use_cache=False),
+               dict(output_attentions=True, return_dict_in_generate=True)]:
+        conv.generate(ids, max_new_tokens=3, **kw)
+    with recording() as rec:
+        conv.generate(ids[:1], max_new_tokens=3)
+    assert sorted(rec) == sorted(s.site for s in nanite_compile.report(conv).sites), rec
+    assert all(r["path"] == "tiled" for recs in rec.values() for r in recs if r["q_shape"][2] > 1)

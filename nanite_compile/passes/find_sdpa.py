@@ -71,8 +71,8 @@ def sdpa_skip_reason(a: dict) -> str | None:
     """Why an SDPA call must stay exact, or None."""
     drop = a["dropout_p"]
     if isinstance(drop, fx.Node):
-        return ("dropout_p is set at run time (training mode; attention dropout is not tiled): "
-                "run the model in eval mode")
+        return ("dropout_p is a run-time value (training mode, or a graph break inside the "
+                "attention), so it cannot be proven 0: attention dropout is not tiled")
     if drop not in (0, 0.0):
         return "dropout_p is not 0 (training-time dropout inside attention)"
     if isinstance(a["is_causal"], fx.Node):
