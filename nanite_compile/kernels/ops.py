@@ -357,3 +357,14 @@ def _backward(ctx, grad):
 
 
 tiled_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "nanite.tiled_attention has a first derivative only (a double backward, e.g. "
+        "autograd.grad(..., create_graph=True) then another grad, is not supported): take "
+        "higher derivatives through the original model")
+
+
+tiled_attention_backward.register_autograd(_no_double_backward,
+                                           setup_context=lambda ctx, inputs, output: None)

@@ -133,6 +133,17 @@ def test_backward_is_the_reference_gradient():
         torch.testing.assert_close(a, b)
 
 
+def test_double_backward_is_a_clear_error():
+    """A second derivative was 'no autograd formula was registered' for the backward op;
+    it now says what is supported. The first derivative with create_graph still works."""
+    q, k, v = qkv(1, 4, 2, 40, 40, 16, seed=3, requires_grad=True)
+    out = OP(q, k, v, None, 0.25, True, *plan(0.25, tile=8))
+    gq, = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    assert torch.isfinite(gq).all()
+    with pytest.raises(NotImplementedError, match="first derivative only"):
+        torch.autograd.grad(gq.sum(), q)
+
+
 def test_compiles_fullgraph_with_backward():
     """One opaque call under ``torch.compile(fullgraph=True)``: same values and gradients."""
     q, k, v = qkv(1, 4, 2, 40, 40, 8, seed=3, requires_grad=True)
