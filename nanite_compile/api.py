@@ -399,9 +399,7 @@ def _install(module: nn.Module, backend: NaniteBackend) -> None:
         # (set and restored by hand: config.patch costs 120 us a call, 4% of a decode step)
         cfg = torch._dynamo.config
         before = cfg.recompile_limit
-        if before >= _RECOMPILE_LIMIT:
-            return compiled(self, *args, **kwargs)
-        cfg.recompile_limit = _RECOMPILE_LIMIT
+        cfg.recompile_limit = max(before, _RECOMPILE_LIMIT)
         try:
             return compiled(self, *args, **kwargs)
         finally:

@@ -39,7 +39,7 @@ def check_budget(budget: Any, name: str = "budget") -> float:
         TypeError: ``budget`` is not a real number.
         ValueError: ``budget`` is NaN or outside ``(0, 1]``.
     """
-    if isinstance(budget, torch.Tensor) and budget.numel() == 1 and budget.is_floating_point():
+    if isinstance(budget, torch.Tensor) and budget.dim() == 0 and budget.is_floating_point():
         budget = budget.item()  # a 0-d tensor from a sweep
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise TypeError(

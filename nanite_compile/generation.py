@@ -83,7 +83,6 @@ from __future__ import annotations
 
 import contextvars
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +93,7 @@ from .evaluate import forward_takes
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.nanite.*)
 from .kernels.decode import CompressedKV, register
 from .kernels.levels import EXACT, NONE, STATE, TileParams
+from .kernels.masks import MaskStructure
 from .kernels.reference import random_features, state_tiles
 
 try:  # transformers is optional (the "hf" extra)
@@ -619,9 +619,9 @@ def _sliding_window(text_cfg: Any, state: Any) -> tuple[int, str] | None:
         return w, f"sliding_window={w} in its config"
     for be in state.backends.values():
         for site in be.sites:
-            found = re.match(r"sliding-window\((\d+)\)", getattr(site, "runtime_mask", "") or "")
-            if found:
-                return int(found.group(1)), f"{site.site}: {found.group(0)}"
+            w = MaskStructure.window_of(site.runtime_mask)
+            if w is not None:
+                return w, f"{site.site}: {site.runtime_mask}"
     return None
 
 

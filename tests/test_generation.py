@@ -338,4 +338,5 @@ def test_many_call_variants_keep_the_tiled_path():
     with recording() as rec:
         conv.generate(ids[:1], max_new_tokens=3)
     assert sorted(rec) == sorted(s.site for s in nanite_compile.report(conv).sites), rec
-    assert all(r["path"] == "tiled" for recs in rec.values() for r in recs if r["q_shape"][2] > 1)
+    for recs in rec.values():  # each site's prefill ran the tiled op
+        assert [r["path"] for r in recs if r["q_shape"][2] > 1] == ["tiled"], recs

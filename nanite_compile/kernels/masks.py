@@ -11,6 +11,7 @@ them exactly.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,12 @@ class MaskStructure:
         if self.bad_rows is not None:
             name += "+irregular-rows"
         return name
+
+    @staticmethod
+    def window_of(name: str) -> int | None:
+        """The sliding window a `describe` name holds (a report's ``runtime_mask``), or None."""
+        found = re.match(r"sliding-window\((\d+)\)", name or "")
+        return int(found.group(1)) if found else None
 
 
 def allowed_from_mask(mask: torch.Tensor) -> torch.Tensor | None:

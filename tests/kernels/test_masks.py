@@ -254,3 +254,14 @@ def test_mask_fallbacks():
         )
         assert st["path"] == "exact" and reason in st["reason"]
         torch.testing.assert_close(out, sdpa(q, k, v, mask))
+
+
+def test_a_described_window_reads_back():
+    """NaniteCache reads a site's measured window from its report's mask name."""
+    from nanite_compile.kernels.masks import MaskStructure
+
+    for window, valid in [(64, None), (40, torch.ones(1, 8, dtype=torch.bool))]:
+        name = MaskStructure(True, window, valid, None).describe()
+        assert MaskStructure.window_of(name) == window, name
+    assert MaskStructure.window_of(MaskStructure(True, None, None, None).describe()) is None
+    assert MaskStructure.window_of("") is None
