@@ -9,25 +9,46 @@ goes on to inductor, or runs as captured with ``inner="eager"``.
 
 from __future__ import annotations
 
+import itertools
 import threading
+import warnings
 import weakref
 from collections import Counter
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
 
 from .config import NaniteConfig
 from .passes import PassContext, run_passes
+from .report import merge_sites
 
 _LOCK = threading.Lock()
-# parameter id -> site lists of the graphs that took that parameter as input;
+_SEQ = itertools.count()
+
+
+@dataclass
+class _Graph:
+    """One compiled graph's site records.
+
+    ``names`` are its parameters' names from the frame Dynamo compiled, which is not
+    always the model's root (after a graph break, ``layers.0.q_proj.weight`` for the
+    model's ``model.layers.0.q_proj.weight``): they say which prefix its site names lack.
+    """
+
+    seq: int
+    shapes: Counter
+    names: list[str]
+    sites: list
+
+
+# parameter id -> the graphs that took that parameter as input;
 # nanite_compile.report(compiled_model) finds its sites through its parameters.
 # Entries go away with their parameter.
-_BY_TENSOR: dict[int, list[list]] = {}
+_BY_TENSOR: dict[int, list[_Graph]] = {}
 
-
-# (parameter shapes, sites) of recent graphs, for modules whose graph Dynamo reused
-_GRAPHS: list[tuple[Counter, list]] = []
+# recent graphs, for modules whose graph Dynamo reused
+_GRAPHS: list[_Graph] = []
 _KEEP_GRAPHS = 256
 
 
@@ -66,6 +87,7 @@ class NaniteBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         ctx = PassContext(self.config, site_prefix=self.site_prefix, plans=self.plans,
                           graph_index=self.graphs, site_tag=self.site_tag)
+        names = _param_names(gm, example_inputs) if self.register else []
         run_passes(gm, ctx)
         if self.inner == "eager":
             compiled = gm.forward
@@ -76,7 +98,7 @@ class NaniteBackend:
             # float argument); only a graph that compiled is counted
             compiled = compile_fx(gm, example_inputs)
         self.graphs += 1
-        self._remember(ctx, example_inputs)
+        self._remember(ctx, example_inputs, names)
         return compiled
 
     def context(self) -> PassContext:
@@ -89,25 +111,88 @@ class NaniteBackend:
     def rewritten_sites(self) -> list:
         return [s for s in self.sites if s.status == "rewritten"]
 
-    def _remember(self, ctx: PassContext, example_inputs) -> None:
-        known = {s.site for s in self.sites}
-        self.sites.extend(s for s in ctx.sites if s.site not in known)
+    def _remember(self, ctx: PassContext, example_inputs, names: list[str]) -> None:
+        params = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+        graph_sites = list(ctx.sites)
+        # earlier graphs of the same module: this backend's (convert installs one per
+        # module), or, for torch.compile's one backend per graph, those that took a
+        # parameter of this one
+        earlier = list(self.sites) + (
+            [s for g in _graphs_sharing(params) for s in g.sites] if self.register else [])
+        seen = {(id(s), why) for s in earlier for why in s.exact_variants}
+        self.sites[:] = merge_sites(self.sites + graph_sites)
+        merged = merge_sites(earlier + graph_sites) if self.register else self.sites
+        # this graph's call runs exact where one of its skipped records was a rewritten
+        # site's (a skipped site compiled before the rewritten one ran exact earlier)
+        mine = {r.reason for r in graph_sites if r.status == "skipped"}
+        new = [w for s in merged for w in s.exact_variants if (id(s), w) not in seen and w in mine]
+        if new:
+            why = new[0]
+            # no site name in the text, so Python shows it once however many layers compile
+            warnings.warn(
+                "nanite_compile: calls like this one run the original attention of a rewritten "
+                f"site ({why}); other calls stay tiled, and nanite_compile.report(model) "
+                "names the sites",
+                stacklevel=2,
+            )
         for k, v in ctx.counters.items():
             self.counters[k] = self.counters.get(k, 0) + v
         if not self.register:
             return
-        graph_sites = list(ctx.sites)
-        shapes = Counter(tuple(t.shape) for t in example_inputs
-                         if isinstance(t, torch.nn.Parameter))
         with _LOCK:
-            _GRAPHS.append((shapes, graph_sites))
+            graph = _Graph(next(_SEQ), Counter(tuple(t.shape) for t in params), names,
+                           graph_sites)
+            _GRAPHS.append(graph)
             del _GRAPHS[:-_KEEP_GRAPHS]
-            for t in example_inputs:
-                if isinstance(t, torch.nn.Parameter):
-                    key = id(t)
-                    if key not in _BY_TENSOR:
-                        weakref.finalize(t, _forget, key)
-                    _BY_TENSOR.setdefault(key, []).append(graph_sites)
+            for t in params:
+                key = id(t)
+                if key not in _BY_TENSOR:
+                    weakref.finalize(t, _forget, key)
+                _BY_TENSOR.setdefault(key, []).append(graph)
+
+
+def _param_names(gm: fx.GraphModule, example_inputs) -> list[str]:
+    """Dotted names of the graph's parameter inputs, from the frame Dynamo compiled."""
+    from .passes.base import _clean_path
+
+    names = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, t in zip(placeholders, example_inputs, strict=False):
+        arg = node.meta.get("grapharg")
+        source = getattr(arg, "source", None)
+        name = getattr(source, "name", None)
+        name = name() if callable(name) else name
+        if isinstance(t, torch.nn.Parameter) and isinstance(name, str) and \
+                name.startswith("L['self']"):
+            names.append(_clean_path(name).replace("_parameters.", ""))
+    return names
+
+
+def _graphs_sharing(params: list) -> list[_Graph]:
+    """The registered graphs that took one of ``params``, oldest first."""
+    graphs: dict[int, _Graph] = {}
+    with _LOCK:
+        for p in params:
+            for g in _BY_TENSOR.get(id(p), []):
+                graphs[g.seq] = g
+    return [graphs[seq] for seq in sorted(graphs)]
+
+
+def _full_names(graph: _Graph, have: set[str]) -> list:
+    """The graph's site records named from the module's root: the prefix that turns
+    every one of the graph's parameter names into a name in ``have`` goes before
+    its site names (copies; the records themselves when no prefix, or no single one,
+    fits)."""
+    if not graph.names:
+        return graph.sites
+    first = graph.names[0]
+    prefixes = {n[: -len(first)] for n in have if n == first or n.endswith("." + first)}
+    prefixes = {p for p in prefixes if all(p + n in have for n in graph.names)}
+    if len(prefixes) != 1 or prefixes == {""}:
+        return graph.sites
+    (pre,) = prefixes
+    return [replace(s, site=pre + s.site, module_path=pre + s.module_path,
+                    exact_variants=list(s.exact_variants)) for s in graph.sites]
 
 
 def sites_for(module: torch.nn.Module) -> list:
@@ -116,23 +201,15 @@ def sites_for(module: torch.nn.Module) -> list:
     Graphs are found through ``module``'s parameters. Dynamo reuses a graph
     for a second instance of the same architecture without calling the
     backend again; for such a module the graphs whose parameters match its
-    parameter shapes stand in. One entry per site name (the latest).
+    parameter shapes stand in. One entry per site (`report.merge_sites`).
     """
-    found: dict = {}
-    seen: set[int] = set()
-    params = list(module.parameters())
-    with _LOCK:
-        for p in params:
-            for graph_sites in _BY_TENSOR.get(id(p), []):
-                if id(graph_sites) not in seen:
-                    seen.add(id(graph_sites))
-                    found.update((s.site, s) for s in graph_sites)
-        if not found and params:
-            have = Counter(tuple(p.shape) for p in params)
-            for shapes, graph_sites in _GRAPHS:
-                if shapes and not (shapes - have):
-                    found.update((s.site, s) for s in graph_sites)
-    return list(found.values())
+    named = dict(module.named_parameters(remove_duplicate=False))  # tied ones by each name
+    graphs = _graphs_sharing(list(named.values()))
+    if not graphs and named:
+        have = Counter(tuple(p.shape) for p in named.values())
+        with _LOCK:
+            graphs = [g for g in _GRAPHS if g.shapes and not (g.shapes - have)]
+    return merge_sites(s for g in graphs for s in _full_names(g, set(named)))
 
 
 def nanite_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):

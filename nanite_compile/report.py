@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,10 @@ class SiteReport:
             (``flops_after`` counts what is computed, not only what is read).
         rel_error: relative L2 error of the site's output against exact attention
             on the measured input.
+        exact_variants: for a rewritten site, why other compiled variants of its
+            module (another call signature: ``output_attentions=True``, a graph break
+            inside the attention) left it exact; those calls run the original
+            attention.
     """
 
     site: str
@@ -58,6 +63,7 @@ class SiteReport:
     flops_after: float | None = None
     rel_error: float | None = None
     measured_shape: list | None = None
+    exact_variants: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,6 +110,16 @@ class SiteReport:
             raise ValueError(f"site status must be 'rewritten' or 'skipped', got {d['status']!r}")
         return cls(**d)
 
+    def why_exact(self) -> str:
+        """Why (some of) the site's calls run exact: the skip reason, the measured
+        run's reason, or the call signatures compiled without the rewrite."""
+        if self.status == "skipped":
+            return self.reason
+        parts = [self.runtime_reason] if self.runtime_path == "exact" else []
+        if self.exact_variants:
+            parts.append("exact on other calls: " + "; ".join(self.exact_variants))
+        return "; ".join(parts)
+
     def absorb(self, records: list[dict]) -> None:
         """Fill the run-time columns from the op's records of one measured forward."""
         if not records:
@@ -133,6 +149,44 @@ class SiteReport:
             self.flops_after = 4.0 * nq_total * dim * float(work)
         if "rel_error" in rec:
             self.rel_error = float(rec["rel_error"])
+
+
+def merge_sites(records: Iterable[SiteReport]) -> list[SiteReport]:
+    """One entry per attention site from the records of every graph compiled for a model.
+
+    Dynamo compiles a module once per call signature (prefill or decode, each set of
+    keyword arguments), and a rewrite may hold in one graph and not in another
+    (``output_attentions=True`` returns the attention weights; a graph break inside
+    the attention leaves SDPA's dropout a run-time value). A site's entry is its
+    first rewritten record, or its latest record where no graph rewrote it. A skipped
+    record of a site rewritten elsewhere adds its reason to that entry's
+    ``exact_variants`` instead of standing as a site of its own. A graph that Dynamo
+    compiled from a frame of its own after a graph break names modules from that
+    frame: ``model.layers.0`` for the attention inside it (a frame inside the module
+    ``convert`` installed at), ``layers.0.self_attn`` for ``model.layers.0.self_attn``
+    (a frame of ``model``); so a skipped record counts for every rewritten site whose
+    module path holds its path as a run of whole components. Records are updated in
+    place; the result keeps first-seen order.
+    """
+    records = list(records)
+    order = list(dict.fromkeys(r.site for r in records))
+    entry: dict[str, SiteReport] = {}
+    for r in records:
+        cur = entry.get(r.site)
+        if cur is None or cur.status != "rewritten":
+            entry[r.site] = r
+    rewritten = [e for e in entry.values() if e.status == "rewritten"]
+    for r in records:
+        if r.status == "rewritten":
+            continue
+        targets = [e for e in rewritten if e.site == r.site or (
+            r.module_path and f".{r.module_path}." in f".{e.module_path}.")]
+        for t in targets:
+            if r.reason not in t.exact_variants:
+                t.exact_variants.append(r.reason)
+        if targets and entry[r.site].status != "rewritten":
+            del entry[r.site]
+    return [entry[name] for name in order if name in entry]
 
 
 @dataclass
@@ -231,6 +285,7 @@ _STR_FIELDS = {"site", "module_path", "pattern", "mask_kind", "status", "reason"
                "runtime_reason", "runtime_mask"}  # fmt: skip
 _OPT_STR_FIELDS = {"runtime_path"}
 _SHAPE_FIELDS = {"q_shape", "k_shape", "measured_shape"}
+_STR_LIST_FIELDS = {"exact_variants"}
 _NUMBER_FIELDS = {"reads_per_query", "exact_reads_per_query", "computed_per_query",
                   "flops_before", "flops_after", "rel_error"}  # fmt: skip
 
@@ -258,6 +313,9 @@ def _check_site_field(name: str, value: Any) -> None:
     elif name in _NUMBER_FIELDS:
         ok = value is None or _is_number(value)
         want = "a number or null"
+    elif name in _STR_LIST_FIELDS:
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+        want = "a list of strings"
     else:  # plan
         ok = isinstance(value, dict)
         want = "an object"
@@ -278,8 +336,7 @@ def format_table(rep: RewriteReport) -> str:
     computed = any(s.computed_per_query is not None for s in rep.sites)
     rows = []
     for s in rep.sites:
-        why = s.reason if s.status == "skipped" else (
-            s.runtime_reason if s.runtime_path == "exact" else "")
+        why = s.why_exact()
         row = [s.module_path or "<root>", s.pattern, s.runtime_mask or s.mask_kind, s.status,
                s.runtime_path or "", _fmt(s.read_ratio, ".3f")]
         row += [_fmt(s.work_ratio, ".3f")] if computed else []

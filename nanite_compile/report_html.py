@@ -481,11 +481,7 @@ def _html(rep: RewriteReport, files: dict, sources: dict, chosen: list) -> str:
     head += ["rel. error", "reason"]
     rows = []
     for s in rep.sites:
-        why = (
-            s.reason
-            if s.status == "skipped"
-            else (s.runtime_reason if s.runtime_path == "exact" else "")
-        )
+        why = s.why_exact()
         rows.append(
             _row(
                 [

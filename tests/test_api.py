@@ -17,6 +17,7 @@ import math
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -448,6 +449,148 @@ def test_torch_compile_report_ignores_other_conversions():
     assert all(s.plan.get("budget") == 1.0 for s in rep.sites), [s.plan for s in rep.sites]
 
 
+# ------------------------------------------- calls the rewrite does not cover
+
+
+_EXACT_CALLS = "original attention of a rewritten site"
+
+
+def test_a_graph_break_inside_the_attention_keeps_the_site_tiled_with_its_plan():
+    """``output_attentions=True`` on an SDPA Llama puts a graph break (transformers'
+    warning) inside the attention. The graph Dynamo compiles after it took dropout_p as a
+    run-time value (the site ran the original attention, silently, while the report said
+    "rewritten") and symbolic head counts (a tile for unknown heads: another plan). Now
+    it runs the site's one plan: the same output as the call without the flag."""
+    model = tiny_llama()
+    conv = nanite_compile.convert(model, budget=0.25, config=NaniteConfig())
+    x = ids(200)
+    tiled = logits(conv, x)
+    assert not torch.allclose(tiled, logits(model, x), atol=1e-4)  # budget < 1: tiled
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = conv(input_ids=x, output_attentions=True).logits
+    assert not [w for w in caught if "nanite_compile" in str(w.message)]
+    torch.testing.assert_close(out, tiled, rtol=0, atol=0)
+    rep = nanite_compile.report(conv)
+    assert sorted(s.site for s in rep.sites) == sorted(LAYER_PATHS)
+    assert all(s.status == "rewritten" and not s.exact_variants for s in rep.sites), rep
+
+
+def test_attention_dropout_in_training_runs_exact_and_says_so():
+    """Training mode with a real attention dropout: those calls run the original attention
+    (dropout is not tiled), with a warning when they compile and the reason in the
+    report; eval-mode calls stay tiled."""
+    model = tiny_llama()
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    conv = nanite_compile.convert(model, budget=0.25, config=tile_cfg())
+    x = ids(200)
+    tiled = logits(conv, x)
+    with pytest.warns(UserWarning, match=_EXACT_CALLS), torch.no_grad():
+        conv.train()(input_ids=x)
+    rep = nanite_compile.report(conv.eval())
+    assert sorted(s.site for s in rep.sites) == sorted(LAYER_PATHS)
+    for s in rep.sites:
+        assert s.status == "rewritten" and s.runtime_path == "tiled", s
+        assert s.exact_variants == ["dropout_p is not 0 (training-time dropout inside attention)"]
+        assert s.why_exact().startswith("exact on other calls: dropout_p"), s.why_exact()
+    assert str(rep).count("exact on other calls") == len(LAYER_PATHS)
+    assert RewriteReport.from_json(rep.to_json()) == rep
+    torch.testing.assert_close(logits(conv, x), tiled, rtol=0, atol=0)  # still tiled
+
+
+def test_a_run_time_dropout_is_guarded_not_assumed():
+    """Under torch.compile a training-mode dropout_p is a run-time float: the rewrite
+    holds while it is 0 (the graph is guarded on it), so a dropout set later recompiles
+    to the original attention and back."""
+    torch._dynamo.reset()
+    model = tiny_llama().train()
+    compiled = torch.compile(model, backend="nanite", options={"budget": 0.25, "inner": "eager"})
+    x = ids(150)
+    paths = []
+    for p in (0.0, 0.5, 0.0):
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = p
+        with recording() as rec, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled(input_ids=x)
+        paths.append(sorted({r["path"] for recs in rec.values() for r in recs}))
+    assert paths == [["tiled"], [], ["tiled"]], paths
+
+
+def test_returned_attention_weights_are_one_report_entry_per_site():
+    """An eager Llama asked for its attention weights runs them exact (they are returned);
+    the graph compiled inside the decoder layer after the break names the layer, not the
+    attention, and used to add a second, skipped entry per layer."""
+    model = tiny_llama(impl="eager")
+    conv = nanite_compile.convert(model, budget=0.25, config=tile_cfg())
+    x = ids(200)
+    with pytest.warns(UserWarning, match=_EXACT_CALLS), torch.no_grad():
+        out = conv(input_ids=x, output_attentions=True)
+        ref = model(input_ids=x, output_attentions=True)
+    assert len(out.attentions) == 2
+    for a, b in zip(out.attentions, ref.attentions, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    rep = nanite_compile.report(conv)
+    assert sorted(s.site for s in rep.sites) == sorted(LAYER_PATHS), [s.site for s in rep.sites]
+    for s in rep.sites:
+        assert s.status == "rewritten", s
+        assert [v for v in s.exact_variants if "used elsewhere" in v], s.exact_variants
+
+
+@pytest.mark.parametrize("exact_first", [False, True])
+def test_torch_compile_report_merges_call_signatures(exact_first):
+    """Under ``torch.compile(backend="nanite")`` each graph has its own backend, and the
+    graph of ``output_attentions=True`` names the attention from ``model``'s frame
+    (``layers.0.self_attn``): one entry per site, rewritten, with the exact call
+    signature noted, in either order. The warning comes with the call that runs exact."""
+    torch._dynamo.reset()
+    model = tiny_llama(impl="eager")
+    compiled = torch.compile(model, backend="nanite", options={"budget": 0.25, "inner": "eager"})
+    x = ids(100)
+    calls = [True, False] if exact_first else [False, True]
+    for oa in calls:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled(input_ids=x, output_attentions=oa)
+        warned = any(_EXACT_CALLS in str(w.message) for w in caught)
+        assert warned == (oa and not exact_first), (oa, [str(w.message) for w in caught])
+    rep = nanite_compile.report(compiled)
+    assert sorted(s.module_path for s in rep.sites) == sorted(LAYER_PATHS), [
+        s.site for s in rep.sites]
+    for s in rep.sites:
+        assert s.status == "rewritten" and s.exact_variants, s
+
+
+def _site(site, status="rewritten", reason=""):
+    return SiteReport(site=site, module_path=site, pattern="sdpa", mask_kind="causal",
+                      q_shape=None, k_shape=None, status=status, reason=reason)
+
+
+def test_merge_sites_keeps_one_entry_per_site():
+    from nanite_compile.report import merge_sites
+
+    first = _site("m.layers.0.attn")
+    other = _site("m.layers.1.attn")
+    merged = merge_sites([
+        _site("m.layers.1.attn", "skipped", "no mask"),   # skipped, then rewritten
+        first, other,
+        _site("m.layers.0.attn"),                         # a later rewritten record
+        _site("m.layers.0", "skipped", "graph break"),    # a frame inside layer 0
+        _site("layers.1.attn", "skipped", "weights"),     # a frame of ``m``
+        _site("m.head", "skipped", "not attention"),      # another site, never rewritten
+        _site("m.head", "skipped", "still not"),
+        _site("m.layers.10", "skipped", "x"),             # not a run of layer 1's path
+    ])
+    assert [s.site for s in merged] == ["m.layers.1.attn", "m.layers.0.attn", "m.head",
+                                        "m.layers.10"]
+    assert merged[1] is first and first.exact_variants == ["graph break"]
+    assert merged[0] is other and other.exact_variants == ["no mask", "weights"]
+    assert merged[2].reason == "still not" and merged[3].reason == "x"
+    assert merge_sites(merged) == merged  # idempotent
+
+
 def test_plain_module_is_captured_on_first_forward():
     torch.manual_seed(0)
     model = TwoBlocks().eval()
@@ -669,7 +812,8 @@ def test_a_model_in_training_mode_is_captured_in_eval_mode(tmp_path):
     """In training mode Llama's SDPA gets dropout_p as a run-time value (0.0), and every
     site was skipped as "dropout_p is not 0", so that load() onto a model in training
     mode failed too. Capture runs in eval mode; the model is handed back in the mode it
-    came in, and in training mode its attention runs exact."""
+    came in. Its attention dropout is 0, so training-mode calls run tiled too (they ran
+    the original attention until the rewrite guarded its graph on dropout_p == 0)."""
     model = _tiny_llama().train()
     conv = nanite_compile.convert(model, budget=0.25, config=tile_cfg())
     rep = nanite_compile.report(conv)
@@ -681,7 +825,11 @@ def test_a_model_in_training_mode_is_captured_in_eval_mode(tmp_path):
         conv.eval()(input_ids=x)
     assert all(r["path"] == "tiled" for recs in rec.values() for r in recs), rec
     with torch.no_grad():
-        torch.testing.assert_close(conv.train()(input_ids=x).logits, model(input_ids=x).logits)
+        want = conv(input_ids=x).logits
+        with recording() as rec:
+            torch.testing.assert_close(conv.train()(input_ids=x).logits, want)
+    assert all(r["path"] == "tiled" for recs in rec.values() for r in recs), rec
+    assert not any(s.exact_variants for s in nanite_compile.report(conv).sites)
     nanite_compile.save(conv, tmp_path)
     loaded = nanite_compile.load(tmp_path, _tiny_llama().train())
     assert [s.status for s in nanite_compile.report(loaded).sites] == ["rewritten", "rewritten"]

@@ -67,9 +67,24 @@ def mask_kind_of(mask, is_causal) -> str:
     return "dense-additive"
 
 
+def _guard_zero(val) -> bool | None:
+    """Whether a run-time float is 0 on this graph's input, as a guard of the graph: it
+    runs only while that holds (Dynamo recompiles when it changes, e.g. a dropout set
+    to 0.1 after the compile). None when there is nothing to decide by."""
+    if not isinstance(val, torch.SymFloat):
+        return None
+    try:
+        return bool(val == 0)
+    except Exception:  # an unbacked value: no hint
+        return None
+
+
 def sdpa_skip_reason(a: dict) -> str | None:
     """Why an SDPA call must stay exact, or None."""
     drop = a["dropout_p"]
+    if isinstance(drop, fx.Node):  # training mode under dynamic floats, a graph break
+        zero = _guard_zero(node_value(drop))
+        drop = drop if zero is None else (0.0 if zero else 1.0)
     if isinstance(drop, fx.Node):
         return ("dropout_p is a run-time value (training mode, or a graph break inside the "
                 "attention), so it cannot be proven 0: attention dropout is not tiled")

@@ -97,6 +97,20 @@ def _heads(shape) -> int | None:
     return h if isinstance(h, int) else None
 
 
+def _hinted(shape) -> list | None:
+    """The sizes of this graph's example input, symbolic ones by their hint: a graph that
+    Dynamo compiled from a frame inside the attention (after a graph break) has symbolic
+    head counts, and the tiling chosen from them has to be the one the site's other graphs
+    run (reading a hint adds no guard)."""
+    if shape is None:
+        return None
+    out = []
+    for s in shape:
+        hint = getattr(getattr(s, "node", None), "hint", None) if isinstance(s, torch.SymInt) else s
+        out.append(hint if isinstance(hint, int) else str(s))
+    return out
+
+
 def _shape_list(shape) -> list | None:
     if shape is None:
         return None
@@ -124,7 +138,7 @@ def rewrite_matches(gm: fx.GraphModule, matches: list[AttentionMatch], ctx: Pass
         if len(same) > 1:
             site = f"{site}[{same.index(m)}]"
         q_shape, k_shape = node_shape(m.q), node_shape(m.k)
-        params = site_params(ctx, site, _shape_list(q_shape), _shape_list(k_shape))
+        params = site_params(ctx, site, _hinted(q_shape), _hinted(k_shape))
         rec = SiteReport(
             site=site,
             module_path=path,
