@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import sys
 import types
 import weakref
 from collections.abc import Iterable, Mapping
@@ -75,6 +76,22 @@ class _NaniteState:
     records: dict = field(default_factory=dict)
     tag: str = ""  # appended to site names in the op calls of this conversion
     plan: Any = None  # the cost model's planner.Plan, after calibration
+
+    def __reduce_ex__(self, protocol):
+        # the captured forwards are closures pickle cannot keep: torch.save(converted)
+        # gave back the original model that still reported itself converted
+        raise TypeError(
+            "a converted model cannot be pickled (torch.save(model) would give back the "
+            "original attention under a report that says otherwise): save it with "
+            "nanite_compile.save(model, directory) (safetensors and JSON) and load it with "
+            "nanite_compile.load(directory, model)")
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in vars(self).items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        return new
 
 
 def _check_model(model: Any) -> None:
@@ -397,16 +414,57 @@ def _install(module: nn.Module, backend: NaniteBackend) -> None:
         # is one compiled variant of this site; past Dynamo's limit a new one would run
         # the original attention, silently (five generate() variants reached 8)
         # (set and restored by hand: config.patch costs 120 us a call, 4% of a decode step)
+        # Python floats (a softmax scale, a dropout probability) are graph constants:
+        # with Dynamo's dynamic=True they are run-time values, which activation
+        # checkpointing hands its body as tensors no finder can prove constant
         cfg = torch._dynamo.config
-        before = cfg.recompile_limit
-        cfg.recompile_limit = max(before, _RECOMPILE_LIMIT)
+        before = cfg.recompile_limit, cfg.specialize_float
+        cfg.recompile_limit = max(before[0], _RECOMPILE_LIMIT)
+        cfg.specialize_float = True
+        collector = _hf_collector()
         try:
-            return compiled(self, *args, **kwargs)
+            if collector is None:
+                return compiled(self, *args, **kwargs)
+            with collector:
+                return compiled(self, *args, **kwargs)
         finally:
-            cfg.recompile_limit = before
+            cfg.recompile_limit, cfg.specialize_float = before
 
     forward.__wrapped__ = fn
     module.forward = types.MethodType(forward, module)
+
+
+class _TracedCollector:
+    """transformers' output collector (``output_capturing._active_collector``, a context
+    variable its forward hooks read), in the mode transformers uses under torch.compile.
+
+    After one ``output_attentions=True`` or ``output_hidden_states=True`` call,
+    transformers leaves output-capturing hooks on the attention modules. A captured
+    module (an eager attention's decoder layer) traces them, and Dynamo cannot trace
+    ``ContextVar.get``: the graph broke in the hook, the attention weights crossed the
+    break, and every call signature compiled afterwards ran the original attention.
+    Read as a plain attribute for the call, the hook is a no-op when nothing is
+    collected (tiled) and collects when asked (then the weights escape: exact).
+    """
+
+    def __init__(self, var) -> None:
+        self.var = var
+
+    def __enter__(self):
+        self.saved = self.var.compiling, self.var.global_var
+        self.var.global_var = self.var.get()
+        self.var.compiling = True
+
+    def __exit__(self, *exc):
+        self.var.compiling, self.var.global_var = self.saved
+
+
+def _hf_collector() -> _TracedCollector | None:
+    mod = sys.modules.get("transformers.utils.output_capturing")
+    var = getattr(mod, "_active_collector", None)
+    if var is None or getattr(var, "compiling", True) or not hasattr(var, "global_var"):
+        return None  # not loaded, another version, or a compile of transformers' own
+    return _TracedCollector(var)
 
 
 def _warn_outer_trace(backend: NaniteBackend) -> None:
@@ -968,13 +1026,13 @@ def _convert(model: nn.Module, *, budget: Any = _UNSET, calibration: Any = None,
         _capture_on_first_call(converted, state, plans)
         return converted
     was_training = converted.training
-    # captured, calibrated and measured as it will serve: in training mode an attention's
-    # dropout_p is a run-time value (even 0.0), and every site would be left exact
+    # captured, calibrated and measured as it will serve: in training mode an attention
+    # with a non-zero dropout is left exact
     converted.eval()
     if was_training:
         state.notes.append(
             "the model was in training mode: it was captured in eval mode (called in training "
-            "mode, an attention whose dropout_p is set at run time runs exact)")
+            "mode, an attention with a non-zero dropout runs exact)")
     try:
         _capture(converted, state, *_shortened(probe))
     except Exception as e:

@@ -207,6 +207,9 @@ class RewriteReport:
         return [s for s in self.sites if s.status == "skipped"]
 
     def summary(self) -> dict:
+        """Site counts and attention FLOPs before/after over the measured sites;
+        ``unmeasured`` counts the sites left out of the ratio (a skipped site runs the
+        original attention, which the probe does not time or count)."""
         before = sum(s.flops_before or 0.0 for s in self.sites)
         after = sum(s.flops_after or 0.0 for s in self.sites)
         return {
@@ -216,7 +219,18 @@ class RewriteReport:
             "attention_flops_before": before,
             "attention_flops_after": after,
             "flops_ratio": (after / before) if before else None,
+            "unmeasured": sum(s.flops_before is None for s in self.sites),
         }
+
+    def flops_phrase(self) -> str:
+        """The summary's FLOPs ratio in words ('' when nothing was measured)."""
+        sm = self.summary()
+        if sm["flops_ratio"] is None:
+            return ""
+        left = sm["unmeasured"]
+        out = f"attention FLOPs x{sm['flops_ratio']:.3f}"
+        return out + (f" of the {sm['sites'] - left} measured site(s) ({left} unmeasured, "
+                      "not counted)" if left else "")
 
     def to_dict(self) -> dict:
         return {
@@ -345,7 +359,7 @@ def format_table(rep: RewriteReport) -> str:
     headers += ["computed/orig"] if computed else []
     table = tabulate(rows, headers=headers + ["rel. error", "reason"], tablefmt="simple")
     sm = rep.summary()
-    ratio = "" if sm["flops_ratio"] is None else f", attention FLOPs x{sm['flops_ratio']:.3f}"
+    ratio = rep.flops_phrase() and f", {rep.flops_phrase()}"
     head = (f"nanite_compile report for {rep.model}: {sm['sites']} attention sites, "
             f"{sm['rewritten']} rewritten, {sm['skipped']} skipped{ratio}")
     notes = "".join(f"\nnote: {n}" for n in rep.notes)

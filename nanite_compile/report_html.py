@@ -449,7 +449,7 @@ def _row(cells: list[str], cls: str = "") -> str:
 def _html(rep: RewriteReport, files: dict, sources: dict, chosen: list) -> str:
     e = html.escape
     sm = rep.summary()
-    ratio = "" if sm["flops_ratio"] is None else f"; attention FLOPs x{sm['flops_ratio']:.3f}"
+    ratio = rep.flops_phrase() and f"; {rep.flops_phrase()}"
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',

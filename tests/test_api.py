@@ -500,12 +500,13 @@ def test_attention_dropout_in_training_runs_exact_and_says_so():
     torch.testing.assert_close(logits(conv, x), tiled, rtol=0, atol=0)  # still tiled
 
 
-def test_a_run_time_dropout_is_guarded_not_assumed():
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_a_run_time_dropout_is_guarded_not_assumed(impl):
     """Under torch.compile a training-mode dropout_p is a run-time float: the rewrite
     holds while it is 0 (the graph is guarded on it), so a dropout set later recompiles
     to the original attention and back."""
     torch._dynamo.reset()
-    model = tiny_llama().train()
+    model = tiny_llama(impl=impl).train()
     compiled = torch.compile(model, backend="nanite", options={"budget": 0.25, "inner": "eager"})
     x = ids(150)
     paths = []
@@ -517,6 +518,34 @@ def test_a_run_time_dropout_is_guarded_not_assumed():
             compiled(input_ids=x)
         paths.append(sorted({r["path"] for recs in rec.values() for r in recs}))
     assert paths == [["tiled"], [], ["tiled"]], paths
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_gradient_checkpointing_keeps_attention_tiled(impl):
+    """With activation checkpointing Dynamo traces a decoder layer as a higher-order op
+    whose body holds the attention (and, under dynamic floats, takes the softmax scale
+    and dropout as tensors): the layer ran the original attention with no word in the
+    report. The body is rewritten too: the loss and gradients equal those without
+    checkpointing, and the backward recomputes the tiled attention."""
+    results = []
+    for checkpointing in (False, True):
+        model = _tiny_llama(impl=impl, max_pos=512)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        conv = nanite_compile.convert(model, budget=0.25, config=tile_cfg()).train()
+        x = ids(200)
+        with recording() as rec, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers: use_cache under checkpointing
+            loss = conv(input_ids=x, labels=x).loss
+            loss.backward()
+        paths = {site: [r["path"] for r in recs] for site, recs in rec.items()}
+        calls = 2 if checkpointing else 1  # the forward, and its recompute in the backward
+        assert paths == {site: ["tiled"] * calls for site in LAYER_PATHS}, paths
+        grad = model.model.layers[0].self_attn.q_proj.weight.grad
+        assert grad is not None and torch.isfinite(grad).all()
+        results.append((loss.detach(), grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-9)
 
 
 def test_returned_attention_weights_are_one_report_entry_per_site():
@@ -537,6 +566,25 @@ def test_returned_attention_weights_are_one_report_entry_per_site():
     for s in rep.sites:
         assert s.status == "rewritten", s
         assert [v for v in s.exact_variants if "used elsewhere" in v], s.exact_variants
+
+
+def test_calls_after_returned_attention_weights_stay_tiled():
+    """One ``output_attentions=True`` call leaves transformers' output-capturing hooks on
+    the attention modules; a captured decoder layer traces them, and their ContextVar
+    read broke the graph: every call signature compiled afterwards (here
+    ``use_cache=False``) ran the original attention, silently."""
+    model = tiny_llama(impl="eager")
+    conv = nanite_compile.convert(model, budget=0.25, config=tile_cfg())
+    x = ids(200)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        weights = conv(input_ids=x, output_attentions=True).attentions
+    assert len(weights) == 2 and weights[0].shape == (1, 4, 200, 200)
+    with recording() as rec, torch.no_grad():
+        out = conv(input_ids=x, use_cache=False).logits
+    assert {s: [r["path"] for r in recs] for s, recs in rec.items()} == {
+        s: ["tiled"] for s in LAYER_PATHS}, rec
+    torch.testing.assert_close(out, logits(conv, x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("exact_first", [False, True])
@@ -566,6 +614,20 @@ def test_torch_compile_report_merges_call_signatures(exact_first):
 def _site(site, status="rewritten", reason=""):
     return SiteReport(site=site, module_path=site, pattern="sdpa", mask_kind="causal",
                       q_shape=None, k_shape=None, status=status, reason=reason)
+
+
+def test_report_flops_ratio_says_which_sites_it_counts():
+    """A skipped site (T5's relative-bias self-attention) has no measured FLOPs: the
+    ratio over the rewritten cross-attention alone read as the model's saving."""
+    tiled = _site("dec.cross")
+    tiled.flops_before, tiled.flops_after = 100.0, 25.0
+    rep = RewriteReport(model="M", config={}, sites=[tiled, _site("enc.self", "skipped", "bias")])
+    assert rep.summary()["unmeasured"] == 1
+    assert rep.flops_phrase() == ("attention FLOPs x0.250 of the 1 measured site(s) "
+                                  "(1 unmeasured, not counted)")
+    assert rep.flops_phrase() in str(rep)
+    rep.sites.pop()
+    assert rep.flops_phrase() == "attention FLOPs x0.250"
 
 
 def test_merge_sites_keeps_one_entry_per_site():
@@ -833,6 +895,25 @@ def test_a_model_in_training_mode_is_captured_in_eval_mode(tmp_path):
     nanite_compile.save(conv, tmp_path)
     loaded = nanite_compile.load(tmp_path, _tiny_llama().train())
     assert [s.status for s in nanite_compile.report(loaded).sites] == ["rewritten", "rewritten"]
+
+
+def test_a_converted_model_is_not_pickled_but_deep_copies(llama_quarter):
+    """torch.save of the whole converted model pickled it without its captured forwards:
+    torch.load gave back the original attention under a report saying "rewritten"."""
+    import io
+
+    with pytest.raises(TypeError, match=r"cannot be pickled.*nanite_compile\.save"):
+        torch.save(llama_quarter, io.BytesIO())
+    twin = copy.deepcopy(llama_quarter)
+    x = ids(150, seed=3)
+    with recording() as rec:
+        out = logits(twin, x)
+    assert sorted(rec) == sorted(LAYER_PATHS)
+    assert all(r["path"] == "tiled" for recs in rec.values() for r in recs), rec
+    torch.testing.assert_close(out, logits(llama_quarter, x), rtol=0, atol=0)
+    twin.model.layers[0].self_attn.q_proj.weight.data.mul_(2)  # its own parameters
+    assert not torch.equal(logits(twin, x), logits(llama_quarter, x))
+    assert nanite_compile.report(twin).to_dict() == nanite_compile.report(llama_quarter).to_dict()
 
 
 def test_reconverting_a_converted_model(llama, llama_quarter):

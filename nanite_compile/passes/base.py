@@ -34,6 +34,20 @@ def node_shape(node: Any) -> tuple | None:
     return None
 
 
+def guarded_zero(node: Any) -> bool | None:
+    """Whether a run-time float (a training-mode dropout under dynamic floats) is 0 on
+    this graph's input, as a guard of the graph: it runs only while that holds (Dynamo
+    recompiles when it changes, e.g. a dropout set to 0.1 after the compile). None
+    when there is nothing to decide by (not a symbolic float, or one without a hint)."""
+    val = node_value(node) if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.SymFloat):
+        return None
+    try:
+        return bool(val == 0)
+    except Exception:  # an unbacked value: no hint
+        return None
+
+
 def module_path(node: fx.Node) -> str:
     """Dotted path of the innermost module that produced ``node`` (from ``nn_module_stack``)."""
     stack = node.meta.get("nn_module_stack") or {}

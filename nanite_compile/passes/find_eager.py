@@ -62,7 +62,14 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .base import AttentionMatch, PassContext, module_path, node_shape, node_value
+from .base import (
+    AttentionMatch,
+    PassContext,
+    guarded_zero,
+    module_path,
+    node_shape,
+    node_value,
+)
 from .find_sdpa import mask_kind_of
 
 aten = torch.ops.aten
@@ -982,6 +989,8 @@ def _walk_probs(softmax: fx.Node, chain_nodes: list) -> tuple[fx.Node, list] | N
                 break
             if o.kind == "dropout":
                 p, training = o.args.get("p", 0.5), o.args.get("training", True)
+                zero = guarded_zero(p)
+                p = 0.0 if zero else p
                 if training is not False and not (isinstance(p, (int, float)) and p == 0):
                     skip.append(f"dropout on the attention weights in training mode (p={p})")
                 nxt = u
@@ -1688,7 +1697,8 @@ def _find_mha(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> AttentionM
         return skipped("nn.MultiheadAttention with add_bias_kv or add_zero_attn")
     if a["static_k"] is not None or a["static_v"] is not None:
         return skipped("nn.MultiheadAttention with static_k/static_v")
-    if a["training"] is not False and _const(a["dropout_p"]) != 0.0:
+    if a["training"] is not False and _const(a["dropout_p"]) != 0.0 \
+            and not guarded_zero(a["dropout_p"]):
         return skipped("dropout on the attention weights in training mode")
     qs = node_shape(query)
     if qs is None or len(qs) != 3:

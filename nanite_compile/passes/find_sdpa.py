@@ -7,7 +7,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .base import AttentionMatch, PassContext, module_path, node_shape, node_value
+from .base import AttentionMatch, PassContext, guarded_zero, module_path, node_shape, node_value
 
 _SDPA_TARGETS = {
     F.scaled_dot_product_attention,
@@ -67,23 +67,11 @@ def mask_kind_of(mask, is_causal) -> str:
     return "dense-additive"
 
 
-def _guard_zero(val) -> bool | None:
-    """Whether a run-time float is 0 on this graph's input, as a guard of the graph: it
-    runs only while that holds (Dynamo recompiles when it changes, e.g. a dropout set
-    to 0.1 after the compile). None when there is nothing to decide by."""
-    if not isinstance(val, torch.SymFloat):
-        return None
-    try:
-        return bool(val == 0)
-    except Exception:  # an unbacked value: no hint
-        return None
-
-
 def sdpa_skip_reason(a: dict) -> str | None:
     """Why an SDPA call must stay exact, or None."""
     drop = a["dropout_p"]
     if isinstance(drop, fx.Node):  # training mode under dynamic floats, a graph break
-        zero = _guard_zero(node_value(drop))
+        zero = guarded_zero(drop)
         drop = drop if zero is None else (0.0 if zero else 1.0)
     if isinstance(drop, fx.Node):
         return ("dropout_p is a run-time value (training mode, or a graph break inside the "
