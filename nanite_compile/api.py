@@ -34,9 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .backend import NaniteBackend, sites_for
+from .backend import NaniteBackend, compiled_with_nanite, sites_for
 from .config import NaniteConfig, check_budget
 from .kernels import ops as _ops
+from .kernels.masks import MaskStructure
 from .kernels.ops import recording
 from .passes.rewrite import ESCAPES
 from .report import RewriteReport
@@ -607,9 +608,19 @@ def _over_budget_note(sites: list) -> str | None:
     ratio, budget, worst = max(over, key=lambda t: t[0] / t[1])
     plan = worst.plan
     n = (worst.measured_shape or [None, None, "?"])[2]
-    return (
-        f"{len(over)} tiled site(s) read more than their budget on the measured input "
-        f"({n} tokens): {worst.site} reads x{ratio:.3f} of the original at budget {budget:g}. "
+    head = (f"{len(over)} tiled site(s) read more than their budget on the measured input "
+            f"({n} tokens): {worst.site} reads x{ratio:.3f} of the original at budget "
+            f"{budget:g}. ")
+    sliding = MaskStructure.window_of(worst.runtime_mask)
+    if sliding is not None:
+        # the original reads a window per query at any length; the tiles it straddles are
+        # read whole, so a longer input does not help
+        return head + (
+            f"Its sliding window ({sliding} tokens) is read as the whole tiles of "
+            f"{plan.get('tile')} it straddles, at any input length: a smaller tile brings "
+            "the reads closer to the window (SDPA given a mask scores the masked keys too, "
+            "so the tiled site still computes less than the original)")
+    return head + (
         f"Every query is allowed at least its own tile, the near field ({plan.get('window')} "
         f"tiles of {plan.get('tile')}), {plan.get('anchors')} anchor tile(s) and one read per "
         "older tile, whatever the budget; longer inputs, or a smaller window, anchors or "
@@ -1072,10 +1083,22 @@ def report(model: nn.Module) -> RewriteReport:
         return RewriteReport(model=type(model).__name__, config=state.config.to_dict(),
                              sites=sites, notes=list(state.notes))
     inner = getattr(model, "_orig_mod", model)
-    sites = sites_for(inner)
-    if not sites and inner is model:
+    name = type(inner).__name__
+    if inner is not model and "_nanite_state" in inner.__dict__:
+        return report(inner)  # torch.compile of a converted model: convert's record
+    if inner is not model and compiled_with_nanite(model) is False:
+        raise ValueError(f"{name} was compiled with another torch.compile backend: compile it "
+                         "with backend='nanite' (or convert it) for a nanite report")
+    # compiled (a wrapper, or in place by nn.Module.compile): Dynamo may run a graph it
+    # compiled for another instance of the class, found by parameter shapes
+    compiled = inner is not model or getattr(inner, "_compiled_call_impl", None) is not None
+    sites = sites_for(inner, by_shape=compiled)
+    if sites is None:
+        if compiled:
+            raise ValueError(f"{name} was compiled but has not run: the nanite backend rewrites "
+                             "each graph at its first call; run the model once, then ask")
         raise ValueError(
-            f"{type(model).__name__} was not converted: call nanite_compile.convert(model) or "
+            f"{name} was not converted: call nanite_compile.convert(model) or "
             "torch.compile(model, backend='nanite') and run it once"
         )
-    return RewriteReport(model=type(inner).__name__, config={}, sites=list(sites))
+    return RewriteReport(model=name, config={}, sites=sites)

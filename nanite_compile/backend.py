@@ -195,21 +195,43 @@ def _full_names(graph: _Graph, have: set[str]) -> list:
                     exact_variants=list(s.exact_variants)) for s in graph.sites]
 
 
-def sites_for(module: torch.nn.Module) -> list:
-    """Sites of the graphs compiled by the nanite backend for ``module``.
+def sites_for(module: torch.nn.Module, *, by_shape: bool = True) -> list | None:
+    """Sites of the graphs compiled by the nanite backend for ``module``, or None when
+    no such graph was found.
 
     Graphs are found through ``module``'s parameters. Dynamo reuses a graph
     for a second instance of the same architecture without calling the
-    backend again; for such a module the graphs whose parameters match its
-    parameter shapes stand in. One entry per site (`report.merge_sites`).
+    backend again; for such a module (``by_shape``: one known to be compiled) the
+    graphs whose parameters match its parameter shapes stand in. One entry per
+    site (`report.merge_sites`).
     """
     named = dict(module.named_parameters(remove_duplicate=False))  # tied ones by each name
     graphs = _graphs_sharing(list(named.values()))
-    if not graphs and named:
+    if not graphs and named and by_shape:
         have = Counter(tuple(p.shape) for p in named.values())
         with _LOCK:
             graphs = [g for g in _GRAPHS if g.shapes and not (g.shapes - have)]
+    if not graphs:
+        return None
     return merge_sites(s for g in graphs for s in _full_names(g, set(named)))
+
+
+def compiled_with_nanite(model) -> bool | None:
+    """Whether a ``torch.compile``'d module runs this backend: True, False (another
+    backend), or None (not such a module, or Dynamo's wrappers read differently)."""
+    hop = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
+    named = False
+    for _ in range(8):  # CatchErrorsWrapper -> ConvertFrame -> WrapBackendDebug -> ...
+        if hop is None:
+            break
+        name = getattr(hop, "__name__", None)
+        fn = getattr(hop, "compiler_fn", None)
+        if name == "nanite" or fn is nanite_backend or isinstance(hop, NaniteBackend) \
+                or isinstance(fn, NaniteBackend):
+            return True
+        named = named or isinstance(name, str)
+        hop = getattr(hop, "_torchdynamo_orig_backend", None)
+    return False if named else None
 
 
 def nanite_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):

@@ -419,12 +419,16 @@ def _cmd_quality(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
-def _add_config_options(p: argparse.ArgumentParser) -> None:
+def _add_config_options(p: argparse.ArgumentParser, calibration: bool = True) -> None:
+    """NaniteConfig's options; without ``calibration`` (a command that takes none) the
+    options that only act with --calibration are left out."""
     from .config import IMPLS, OBJECTIVES, SELECTS, NaniteConfig
 
     defaults = NaniteConfig()
     g = p.add_argument_group("conversion options (NaniteConfig)")
     for name, typ, text in _CONFIG_OPTIONS:
+        if not calibration and text.startswith("with --calibration"):
+            continue
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         kw: dict[str, Any] = {
@@ -568,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load the conversion saved in DIR instead of converting",
     )
     e.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
-    _add_config_options(e)
+    _add_config_options(e, calibration=False)  # eval converts without calibration
     e.set_defaults(func=_cmd_eval)
 
     b = sub.add_parser(

@@ -273,8 +273,13 @@ def _panels(tables, sources, chosen, heads):
 
 
 def _plan_tile(rep: RewriteReport, chosen: list[SiteReport]) -> tuple[int, int]:
-    tiles = [s.plan.get("tile") for s in chosen if s.plan.get("tile")]
-    tile = max(tiles) if tiles else int(rep.config.get("tile", 64))
+    """The tile the pictures' legend uses: the drawn sites' largest, else any rewritten
+    site's, else the configured one (None in a default config: the tile follows the
+    heads), else 64."""
+    tiles = [s.plan.get("tile") for s in chosen or rep.rewritten
+             if isinstance(s.plan.get("tile"), int)]
+    configured = rep.config.get("tile")
+    tile = max(tiles) if tiles else configured if isinstance(configured, int) else 64
     return tile, max(1, tile.bit_length() - 1)
 
 
@@ -356,9 +361,16 @@ def save_report(
             if s.site in tables:
                 chosen.append(s)
     heads = [int(h) for h in heads]
+    if any(h < 0 for h in heads) or max_sites < 0:
+        raise ValueError(f"heads are KV head indices and max_sites a count, 0 or more; got "
+                         f"heads={heads}, max_sites={max_sites}")
 
     files: dict[str, str] = {}
     panels = _panels(tables, sources, chosen, heads) if chosen else []
+    if chosen and heads and not panels:
+        have = max(tables[s.site].shape[0] for s in chosen)
+        raise ValueError(f"no KV head {heads} in the drawn sites, which have {have} KV "
+                         f"head(s): pass heads from 0 to {have - 1}")
     tile, max_pool = _plan_tile(rep, chosen)
     ncol = min(4, len(panels)) if panels else 0
     nrow = -(-len(panels) // ncol) if panels else 0

@@ -435,6 +435,37 @@ def test_torch_compile_report_of_a_second_instance():
     )
 
 
+def test_torch_compile_report_claims_nothing_it_did_not_compile():
+    """The shape match for a second instance (above) also answered for models never
+    compiled with nanite, or compiled with another backend: "rewritten" for attention
+    that ran as it was. A compiled model that has not run yet gave an empty report."""
+    _, first = _compiled_llama()
+    logits(first, ids(100))
+    plain = tiny_llama()
+    with pytest.raises(ValueError, match="was not converted"):
+        nanite_compile.report(plain)
+    other = torch.compile(tiny_llama(), backend="eager")
+    logits(other, ids(100))
+    with pytest.raises(ValueError, match="another torch.compile backend"):
+        nanite_compile.report(other)
+    # (one of the first's shapes would count as that model's second instance)
+    fresh = torch.compile(_tiny_llama(hidden=48), backend="nanite", options={"inner": "eager"})
+    with pytest.raises(ValueError, match="has not run"):
+        nanite_compile.report(fresh)
+    from nanite_compile.backend import NaniteBackend, compiled_with_nanite
+
+    assert compiled_with_nanite(first) is True and compiled_with_nanite(other) is False
+    assert compiled_with_nanite(torch.compile(plain, backend=NaniteBackend())) is True
+    assert compiled_with_nanite(plain) is None
+
+
+def test_report_of_a_compiled_converted_model_is_its_conversion(llama_quarter):
+    compiled = torch.compile(llama_quarter, backend="nanite", options={"inner": "eager"})
+    logits(compiled, ids(100))
+    assert nanite_compile.report(compiled).to_dict() == nanite_compile.report(
+        llama_quarter).to_dict()
+
+
 def test_torch_compile_report_ignores_other_conversions():
     """convert() shares the parameters; its sites are not the compiled model's."""
     torch._dynamo.reset()
@@ -914,6 +945,21 @@ def test_a_converted_model_is_not_pickled_but_deep_copies(llama_quarter):
     twin.model.layers[0].self_attn.q_proj.weight.data.mul_(2)  # its own parameters
     assert not torch.equal(logits(twin, x), logits(llama_quarter, x))
     assert nanite_compile.report(twin).to_dict() == nanite_compile.report(llama_quarter).to_dict()
+
+
+def test_a_sliding_window_over_budget_note_gives_the_right_advice():
+    """A window narrower than the tiles it straddles reads more than the original at any
+    length; the note said longer inputs would bring the reads down to the budget."""
+    from tiny_models import shape_kwargs
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(**shape_kwargs(
+        vocab=VOCAB, hidden=32, layers=1, heads=4, max_pos=1024, num_key_value_heads=2,
+        sliding_window=64, attn_implementation="sdpa"))
+    conv = nanite_compile.convert(transformers.MistralForCausalLM(cfg).eval(), budget=0.25)
+    (note,) = [n for n in nanite_compile.report(conv).notes if "more than their budget" in n]
+    assert "sliding window (64 tokens)" in note and "smaller tile" in note, note
+    assert "longer inputs" not in note, note
 
 
 def test_reconverting_a_converted_model(llama, llama_quarter):

@@ -261,6 +261,30 @@ def test_bench_runs_the_speed_script(capsys, monkeypatch):
     assert_one_line_error(rc, err, "benchmarks/speed.py", "source checkout")
 
 
+def test_eval_offers_no_calibration_only_options(capsys):
+    """eval converts without calibration: --max-error, --objective, --plan-tokens and
+    --plan-check were listed there and did nothing; now argparse refuses them."""
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "--budget" in out and "with --calibration" not in out
+    for flag in ("--max-error", "--objective", "--plan-tokens", "--plan-check"):
+        assert flag not in out, flag
+        with pytest.raises(SystemExit) as e:
+            cli.main(["eval", "model.gguf", "text.txt", flag, "1"])
+        assert e.value.code == 2, flag
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_report_pictures_with_bad_heads_are_one_line_errors(hf_dir, capsys, tmp_path):
+    rc, _, err = run(capsys, "convert", hf_dir, "--report", tmp_path / "r", "--heads", "-3", "-q")
+    assert_one_line_error(rc, err, "KV head indices")
+    rc, out, err = run(capsys, "convert", hf_dir, "--report", tmp_path / "r0", "--report-sites",
+                       "0", "-q")
+    assert rc == 0, err
+    assert (tmp_path / "r0" / "report.html").exists()
+
+
 def test_console_script_help():
     script = Path(sys.executable).parent / "nanite-compile"
     if not script.exists():

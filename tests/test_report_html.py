@@ -209,6 +209,24 @@ def test_given_levels_state_and_no_levels(tmp_path):
         save_report("report", tmp_path / "c")
 
 
+def test_no_level_pictures_and_bad_heads_of_a_default_config(tmp_path):
+    """A default config leaves ``tile`` None (it follows the heads): ``levels=False`` and
+    ``max_sites=0`` (the CLI's ``--report-sites 0``) crashed reading it for the legend.
+    Negative or absent KV heads are errors that say what the sites have (``--heads 7``
+    on two KV heads drew nothing, silently)."""
+    conv = nanite_compile.convert(tiny_llama(), budget=0.25)
+    assert nanite_compile.report(conv).config["tile"] is None
+    for i, kw in enumerate([dict(levels=False), dict(max_sites=0)]):
+        page = save_report(conv, tmp_path / str(i), **kw)
+        assert Page(page.read_text()).imgs == ["budget.png"], kw
+    with pytest.raises(ValueError, match="0 or more"):
+        save_report(conv, tmp_path / "n", heads=(-1,))
+    with pytest.raises(ValueError, match=r"which have 2 KV head\(s\): pass heads from 0 to 1"):
+        save_report(conv, tmp_path / "n", heads=(7,))
+    page = save_report(conv, tmp_path / "ok", heads=(1, 7))  # one of them drawn
+    assert "levels.png" in Page(page.read_text()).imgs
+
+
 def test_a_per_query_selection_shows_what_it_computes(tmp_path):
     """Under select="query" a site reads less than it computes (the union of its queries'
     tiles): the sites table gets a computed/orig column and the budget picture draws
