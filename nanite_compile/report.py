@@ -359,7 +359,8 @@ def format_table(rep: RewriteReport) -> str:
     headers += ["computed/orig"] if computed else []
     table = tabulate(rows, headers=headers + ["rel. error", "reason"], tablefmt="simple")
     sm = rep.summary()
-    ratio = rep.flops_phrase() and f", {rep.flops_phrase()}"
+    phrase = rep.flops_phrase()
+    ratio = phrase and f", {phrase}"
     head = (f"nanite_compile report for {rep.model}: {sm['sites']} attention sites, "
             f"{sm['rewritten']} rewritten, {sm['skipped']} skipped{ratio}")
     notes = "".join(f"\nnote: {n}" for n in rep.notes)

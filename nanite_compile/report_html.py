@@ -461,7 +461,8 @@ def _row(cells: list[str], cls: str = "") -> str:
 def _html(rep: RewriteReport, files: dict, sources: dict, chosen: list) -> str:
     e = html.escape
     sm = rep.summary()
-    ratio = rep.flops_phrase() and f"; {rep.flops_phrase()}"
+    phrase = rep.flops_phrase()
+    ratio = phrase and f"; {phrase}"
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',

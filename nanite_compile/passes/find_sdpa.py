@@ -70,9 +70,11 @@ def mask_kind_of(mask, is_causal) -> str:
 def sdpa_skip_reason(a: dict) -> str | None:
     """Why an SDPA call must stay exact, or None."""
     drop = a["dropout_p"]
-    if isinstance(drop, fx.Node):  # training mode under dynamic floats, a graph break
-        zero = guarded_zero(drop)
-        drop = drop if zero is None else (0.0 if zero else 1.0)
+    zero = guarded_zero(drop)  # a run-time float: training mode, a graph break
+    if zero:
+        drop = 0.0
+    if zero is False:
+        return "dropout_p is not 0 (training-time dropout inside attention)"
     if isinstance(drop, fx.Node):
         return ("dropout_p is a run-time value (training mode, or a graph break inside the "
                 "attention), so it cannot be proven 0: attention dropout is not tiled")
