@@ -493,6 +493,27 @@ def test_cached_decoding(lm):
     assert out025.shape == ref32.shape and torch.isfinite(out025).all()
 
 
+def test_cached_chunk_runs_tiled(lm):
+    """A chunk of 80 tokens after a cache of 120 (a second turn, chunked prefill; it starts
+    inside a tile) runs the tiled op at every site, under the decoder's own mask, and its
+    outputs depend on no later token of the chunk."""
+    from nanite_compile.kernels.ops import recording
+
+    ids, split = lm.inputs["input_ids"], SEQ - 80
+    with recording() as rec:
+        out = _incremental(lm.conv025, ids, split)
+    chunk = [r for recs in rec.values() for r in recs if r["q_shape"][2] == SEQ - split]
+    assert len(chunk) == lm.case.n_sites, rec.keys()
+    for r in chunk:
+        assert r["path"] == "tiled" and r["mask"].startswith(("causal", "sliding")), r
+        assert r["reads_per_query"] < r["exact_reads_per_query"], r
+    changed = ids.clone()
+    changed[:, -20:] = (changed[:, -20:] + 7) % VOCAB
+    out2 = _incremental(lm.conv025, changed, split)
+    torch.testing.assert_close(out2[:, split:-20], out[:, split:-20], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out2[:, -20:], out[:, -20:])
+
+
 def test_generate(lm):
     prompt = lm.inputs["input_ids"]
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)

@@ -182,7 +182,9 @@ def sampled_queries(nq: int, nk: int, tile: int, causal: bool, stride: int,
     serves every query of its tile, so it may only depend on tokens before the tile.
     Row j is estimated from the sampled queries of tile j - 1 (each sees whole tiles
     up to its own) and from tile j's first query (which sees the tiles before j):
-    nothing from inside tile j but its first token. A single query, or bidirectional
+    nothing from inside tile j but its first token. A query block that starts inside
+    a tile (a chunk continuing a cache) estimates its first row from its first query
+    alone: the queries of that tile before it are not there. A single query, or bidirectional
     attention, estimates its own row from its own tile. Queries whose row lies past
     the table or that see no tile are left out.
     """
@@ -200,7 +202,9 @@ def sampled_queries(nq: int, nk: int, tile: int, causal: bool, stride: int,
     last = qpos // T  # last key tile each query's scores may use
     row = qpos // T - jq0
     if causal and nq > 1:
-        qposf = torch.arange(-(-q0 // T) * T, nk, T, device=device)  # tiles' first queries
+        # each row's first query: its tile's first, or the block's first query when the
+        # block (a chunk continuing a cache) starts inside a tile
+        qposf = torch.arange(jq0 * T, nk, T, device=device).clamp_min(q0)
         sel = torch.cat([sel, qposf - q0])
         last = torch.cat([last, qposf // T - 1])
         row = torch.cat([row + 1, qposf // T - jq0])

@@ -399,8 +399,13 @@ def tiled_attention(
     Takes the arguments of ``scaled_dot_product_attention`` (GQA when
     ``H > Hkv``) plus the site's tile parameters. Anything the tiled path
     cannot express exactly in structure is computed exactly: a mask that is a
-    bias, rows a mask's structure does not reproduce, a query block that is
-    neither the whole sequence nor one token, a sequence of one tile or less.
+    bias, rows a mask's structure does not reproduce, a sequence of one tile or
+    less, a bidirectional query block shorter than its keys (cross-attention).
+    A causal query block shorter than its keys (a chunk continuing a cache; its
+    mask bottom-right aligned, as decoders build it) holds the last ``Nq``
+    positions: its level table has the rows of its own query tiles and the
+    budget is shared over those rows alone, so the call reads ``budget`` of
+    what its exact attention would.
     ``stats`` (a dict), when given, receives what was done (``impl``: the
     module that computed a tiled result, ``"reference"`` when none applied).
     ``fast``, when given, is a module with ``supports(q, v, window)`` and ``run(q, k, v,
@@ -429,8 +434,6 @@ def tiled_attention(
         return exact("budget 1.0 keeps every tile exact")
     if nk <= params.tile * params.window:
         return exact("sequence within the near field")
-    if nq != nk and nq != 1:
-        return exact("query block is neither the full sequence nor one token")
 
     causal = bool(is_causal)
     window = None
@@ -453,8 +456,14 @@ def tiled_attention(
     elif stats is not None:
         stats["mask"] = "causal" if is_causal else "bidirectional"
     if attn_mask is None and is_causal and nq != nk:
-        # SDPA aligns is_causal to the top left; one query at the end of the keys sees key 0 only.
-        return exact("causal with a single query under SDPA's top-left alignment")
+        # SDPA aligns is_causal to the top left: the first query sees key 0 only
+        return exact("causal with fewer queries than keys under SDPA's top-left alignment")
+    if nq > nk:
+        return exact("more queries than keys")
+    if 1 < nq < nk and not causal:
+        # a causal block is the last Nq positions (a chunk continuing a cache); without
+        # causality the queries have no positions among the keys (cross-attention)
+        return exact("bidirectional query block shorter than its keys (cross-attention)")
     if nq == 1 and not causal:
         causal = True  # one query at the end sees every earlier key: same as causal
 

@@ -314,6 +314,30 @@ def test_driver_uses_the_kernel(monkeypatch):
     assert not calls
 
 
+def test_driver_runs_a_chunk_continuing_a_cache(monkeypatch):
+    """A causal chunk after a cache (37 queries against 100 keys, starting inside a tile,
+    the decoder's bottom-right mask, left padding in one batch row) runs the kernel, with
+    the level table of its own query tiles."""
+    calls = []
+    real = triton_attn.run
+    monkeypatch.setattr(triton_attn, "run", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    n, nq = 100, 37
+    q, k, v = qkv(2, 4, 2, n, 16, 16, seed=3, nq=nq)
+    valid = key_padding(2, n, "left")
+    qpos = torch.arange(n - nq, n, device=DEV)[:, None]
+    mask = (torch.arange(n, device=DEV)[None, :] <= qpos)[None, None] & valid[:, None, None, :]
+    st: dict = {}
+    out = tiled_attention(q, k, v, mask, scale=0.25, is_causal=False, params=_params(0.25),
+                          stats=st, fast=triton_attn)
+    assert calls and st["path"] == "tiled" and st["impl"] == "triton_attn"
+    assert st["levels"].shape[2] == -(-n // 8) - (n - nq) // 8  # the chunk's query tiles
+    args = {"scale": 0.25, "causal": True, "tile": 8, "key_valid": valid}
+    ref = tiled_attention_from_levels(q, k, v, st["levels"], **args)
+    golden = tiled_attention_from_levels(q.double(), k.double(), v.double(), st["levels"],
+                                         **args)
+    assert_golden(out, golden, ref)
+
+
 def test_supports():
     q = torch.zeros(1, 2, 8, 16, device=DEV)
     assert triton_attn.supports(q, q, None)
