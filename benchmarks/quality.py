@@ -4,6 +4,7 @@ Run after scripts/fetch_assets.sh (about 40 s per 8k-token forward on two CPU co
 
     .venv/bin/python benchmarks/quality.py                       # the full grid, 8192 tokens of hamlet
     .venv/bin/python benchmarks/quality.py --methods original nanite sliding --budgets 0.25
+    .venv/bin/python benchmarks/quality.py --methods original nanite --chunk 1024  # chunked prefill
 
 Methods (``--methods``): ``original`` (the model as loaded, SDPA); ``nanite``
 (``nanite_compile.convert(model, budget=b)``, training-free); ``nanite-cal``
@@ -70,38 +71,40 @@ def git_state(root: Path) -> str:
     return head + (f" +dirty ({', '.join(dirty)})" if dirty else "")
 
 
-def _nanite_reads(records: dict, tile: int, state_features: int, n: int) -> tuple[float, float]:
+def _nanite_reads(records: dict, tile: int, state_features: int) -> tuple[float, float]:
     from nanite_compile.baselines import key_reads
 
     reads = orig = 0.0
     for recs in records.values():
         for rec in recs:
-            hkv = rec["k_shape"][1]
+            hkv, nq, nk = rec["k_shape"][1], rec["q_shape"][2], rec["k_shape"][2]
             if rec.get("levels") is not None:
-                r, o = key_reads(rec["levels"], tile, n, n, state_features)
+                r, o = key_reads(rec["levels"], tile, nq, nk, state_features)
             else:  # the op ran exact for this call: it read everything
-                _, o = key_reads(torch.zeros(1, hkv, -(-n // tile), -(-n // tile), dtype=torch.int8),
-                                 tile, n, n)
+                rows = -(-nk // tile) - (nk - nq) // tile
+                _, o = key_reads(torch.zeros(1, hkv, rows, -(-nk // tile), dtype=torch.int8),
+                                 tile, nq, nk)
                 r = o
             reads += r
             orig += o
     return reads, orig
 
 
-def run_one(name: str, budget: float | None, model, ids, ranges, calib_ids, tiling: tuple):
+def run_one(name: str, budget: float | None, model, ids, ranges, calib_ids, tiling: tuple,
+            chunk: int | None = None):
     """Perplexity and realised reads of one method at one budget; ``tiling`` is ``(tile,
-    near field, anchors)`` as ``NaniteConfig.tiling`` resolves them for the model."""
+    near field, anchors)`` as ``NaniteConfig.tiling`` resolves them for the model;
+    ``chunk``: score in pieces that continue the KV cache (original and nanite only)."""
     import nanite_compile
     from nanite_compile import NaniteConfig
     from nanite_compile.baselines import BASELINES, use_baseline
     from nanite_compile.evaluate import perplexity
     from nanite_compile.kernels.ops import recording
 
-    n = ids.shape[1]
     tile, window, anchors = tiling
     extra: dict = {}
     if name == "original":
-        ppl = perplexity(model, ids, ranges)
+        ppl = perplexity(model, ids, ranges, chunk=chunk)
         return ppl, 1.0, extra
     if name in ("nanite", "nanite-cal"):
         cfg = NaniteConfig(budget=budget, tile=tile, window=window, anchors=anchors)
@@ -112,8 +115,8 @@ def run_one(name: str, budget: float | None, model, ids, ranges, calib_ids, tili
             conv = nanite_compile.convert(model, config=cfg, calibration=calib_ids)
         extra["convert_s"] = round(time.perf_counter() - t, 1)
         with recording(levels=True) as rec:
-            ppl = perplexity(conv, ids, ranges)
-        reads, orig = _nanite_reads(rec, tile, cfg.state_features, n)
+            ppl = perplexity(conv, ids, ranges, chunk=chunk)
+        reads, orig = _nanite_reads(rec, tile, cfg.state_features)
         paths = sorted({r["path"] for recs in rec.values() for r in recs})
         extra["sites"] = len(rec)
         extra["paths"] = paths
@@ -159,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranges", help="token ranges 'a:b,c:d' (default [0,2k),[2k,4k),[4k,8k))")
     ap.add_argument("--tile", type=int, default=None,
                     help="tile size (default: what NaniteConfig picks for the model's heads)")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="score in pieces of this many tokens, each continuing the KV cache "
+                         "(chunked prefill; original, nanite and nanite-cal only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="write every result here (after each run)")
     args = ap.parse_args(argv)
@@ -166,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     from nanite_compile import NaniteConfig, data
 
     torch.set_num_threads(args.threads)
+    if args.chunk is not None and set(args.methods) & set(BASELINE_METHODS):
+        ap.error("--chunk runs the original and nanite methods only (the baselines score one "
+                 "pass)")
     if args.calibration_text == args.text and "nanite-cal" in args.methods:
         ap.error("--calibration-text must differ from --text (calibrate on a different text)")
 
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "text": args.text, "tokens": args.tokens, "offset": args.offset,
         "calibration": f"{args.calibration_text}, first {args.calibration_tokens} tokens",
         "tile": tile, "near field": tiling[1], "anchors": tiling[2],
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "chunk": args.chunk,
         "commit": git_state(Path(__file__).resolve().parents[1]),
         "torch": torch.__version__,
     }
@@ -206,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for name, budget in runs:
         t = time.perf_counter()
-        ppl, ratio, extra = run_one(name, budget, model, ids, ranges, calib, tiling)
+        ppl, ratio, extra = run_one(name, budget, model, ids, ranges, calib, tiling, args.chunk)
         row = {"method": name, "budget": budget, "reads_ratio": ratio, "ppl": ppl.to_dict(),
                "seconds": round(time.perf_counter() - t, 1), **extra}
         rows.append(row)
@@ -215,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"SmolLM2-135M, {args.text} tokens {args.offset}..{args.offset + args.tokens}, "
+    how = "" if args.chunk is None else f", in chunks of {args.chunk} on the KV cache"
+    print(f"SmolLM2-135M, {args.text} tokens {args.offset}..{args.offset + args.tokens}{how}, "
           f"tile {tile}, {meta['threads']} threads, commit {meta['commit']}")
     print(table(rows, ranges))
     return 0

@@ -2,7 +2,7 @@
 
     nanite-compile convert MODEL [--budget 0.25] [--calibration TEXT] [--output DIR] [--report DIR]
     nanite-compile report DIR [--json] [--html OUT]
-    nanite-compile eval MODEL TEXT [--tokens 2048] [--budget 0.25] [--nanite DIR]
+    nanite-compile eval MODEL TEXT [--tokens 2048] [--budget 0.25] [--nanite DIR] [--chunk N]
     nanite-compile bench [-- ARGS for benchmarks/speed.py]
 
 ``MODEL`` is a Hugging Face model directory (``save_pretrained``) or a
@@ -327,6 +327,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _model_location(args.model)
     _positive("tokens", args.tokens, 2)
     _positive("range-size", args.range_size, 2)
+    if args.chunk is not None:
+        _positive("chunk", args.chunk, 1)
     text = _read_text(args.text, "TEXT")
     if args.nanite is not None:
         from .io import read_saved
@@ -342,7 +344,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             model = _load_model(args.model, args.dtype, args.quiet)
         ranges = _ranges(ids.shape[1], args.range_size)
         with steps.step("perplexity of the original"):
-            before = perplexity(model, ids, ranges=ranges)
+            before = perplexity(model, ids, ranges=ranges, chunk=args.chunk)
         if args.nanite is not None:
             with steps.step(f"loading the conversion from {args.nanite}"):
                 converted = nanite_compile.load(args.nanite, model)
@@ -350,7 +352,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             with steps.step(f"converting (budget {cfg.budget:g})"):
                 converted = nanite_compile.convert(model, config=cfg)
         with steps.step("perplexity of the converted model"):
-            after = perplexity(converted, ids, ranges=ranges)
+            after = perplexity(converted, ids, ranges=ranges, chunk=args.chunk)
     finally:
         steps.close()
     budget = converted.__dict__["_nanite_state"].config.budget
@@ -361,7 +363,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     rows = [row(f"perplexity, tokens 0-{ids.shape[1]}", before.ppl, after.ppl)]
     for rb, ra in zip(before.ranges, after.ranges, strict=True):
         rows.append(row(f"  tokens {rb.start}-{rb.end}", rb.ppl, ra.ppl))
-    print(f"{args.text}: first {ids.shape[1]} tokens; budget {budget:g}")
+    how = "" if args.chunk is None else f"; in chunks of {args.chunk} tokens on the KV cache"
+    print(f"{args.text}: first {ids.shape[1]} tokens; budget {budget:g}{how}")
     print(
         tabulate(rows, headers=["", "original", "converted", "converted/original"], floatfmt=".3f")
     )
@@ -369,6 +372,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out = {
             "tokens": ids.shape[1],
             "budget": budget,
+            "chunk": args.chunk,
             "before": before.to_dict(),
             "after": after.to_dict(),
             "report": json.loads(nanite_compile.report(converted).to_json()),
@@ -570,6 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="load the conversion saved in DIR instead of converting",
+    )
+    e.add_argument(
+        "--chunk",
+        type=int,
+        metavar="N",
+        help="score in pieces of N tokens, each continuing the KV cache of the ones before "
+        "(chunked prefill; default: one pass)",
     )
     e.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
     _add_config_options(e, calibration=False)  # eval converts without calibration

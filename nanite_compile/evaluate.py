@@ -4,9 +4,10 @@ Pure PyTorch: the model only has to map ``input_ids`` ``[B, N]`` to logits
 ``[B, N, V]``, either as a tensor or as an output object with ``.logits``
 (every Hugging Face ``*ForCausalLM``, converted or not).
 
-- :func:`perplexity`: perplexity of the next-token predictions of one forward,
-  overall and per range of token positions (e.g. the first and second 2k
-  tokens, to see how quality holds up far from the start).
+- :func:`perplexity`: perplexity of the next-token predictions of one forward
+  (or of chunks continuing the model's KV cache), overall and per range of
+  token positions (e.g. the first and second 2k tokens, to see how quality
+  holds up far from the start).
 - :func:`time_forward`, :func:`time_forwards`: wall-clock time of the forward
   pass, of one model or of several measured alternately.
 """
@@ -117,28 +118,66 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"use_cache": False} if forward_takes(model, "use_cache") else {}
 
 
-def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """One forward pass of ``model`` on ``input_ids`` ``[B, N]``; returns logits ``[B, N, V]``.
+def logits_of(model: nn.Module, input_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Logits ``[B, N, V]`` of ``model`` on ``input_ids`` ``[B, N]``: one forward pass, or
+    with ``chunk``, pieces of ``chunk`` tokens run in order against the model's own KV
+    cache (each piece after the first continues the cache: chunked prefill).
 
     Raises:
-        TypeError: the model's output is neither a tensor nor has ``.logits``.
-        ValueError: the logits do not have shape ``[B, N, V]``.
+        TypeError: the model's output is neither a tensor nor has ``.logits``; with
+            ``chunk``, the model takes no cache or returns none.
+        ValueError: the logits do not have shape ``[B, N, V]``; ``chunk`` is not positive.
     """
     input_ids = _check_input_ids(input_ids)
+    n = input_ids.shape[1]
+    if chunk is not None:
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive number of tokens, got {chunk!r}")
+        if chunk >= n:
+            chunk = None
     with torch.no_grad():
-        out = model(input_ids, **_forward_kwargs(model))
-    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(
-            f"{type(model).__name__} returned {type(out).__name__}; expected a logits tensor "
-            "or an output with .logits (a causal language model)"
-        )
+        if chunk is None:
+            logits = _logits(model, model(input_ids, **_forward_kwargs(model)))
+        else:
+            logits = _chunked_logits(model, input_ids, chunk)
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(input_ids.shape):
         raise ValueError(
             f"expected logits [B, N, V] for input_ids {tuple(input_ids.shape)}, "
             f"got {tuple(logits.shape)}"
         )
     return logits
+
+
+def _logits(model: nn.Module, out) -> torch.Tensor:
+    logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"{type(model).__name__} returned {type(out).__name__}; expected a logits tensor "
+            "or an output with .logits (a causal language model)"
+        )
+    return logits
+
+
+def _chunked_logits(model: nn.Module, input_ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    names = [name for name in ("cache", "past_key_values") if forward_takes(model, name)]
+    if not names or not forward_takes(model, "use_cache"):
+        raise TypeError(
+            f"scoring in chunks needs a model that takes and returns a KV cache (a Hugging "
+            f"Face causal LM); {type(model).__name__}.forward has no use_cache/cache "
+            "parameters: score it in one pass (chunk=None)"
+        )
+    cache, parts = None, []
+    for start in range(0, input_ids.shape[1], chunk):
+        kwargs = {"use_cache": True} if cache is None else {"use_cache": True, names[0]: cache}
+        out = model(input_ids[:, start:start + chunk], **kwargs)
+        parts.append(_logits(model, out))
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None:
+            raise TypeError(
+                f"{type(model).__name__} returned no cache with use_cache=True, so a chunk "
+                "cannot continue the one before it: score it in one pass (chunk=None)"
+            )
+    return torch.cat(parts, dim=1)
 
 
 def _check_ranges(ranges: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
@@ -191,8 +230,10 @@ def perplexity(
     model: nn.Module,
     input_ids: torch.Tensor,
     ranges: Sequence[tuple[int, int]] | None = None,
+    chunk: int | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on ``input_ids`` from one forward pass (no gradients).
+    """Perplexity of ``model`` on ``input_ids`` from one forward pass (no gradients), or
+    from pieces of ``chunk`` tokens that continue the model's KV cache.
 
     Token ``t`` is predicted from the logits at position ``t - 1``, so a
     sequence of ``N`` tokens gives ``N - 1`` predictions (no BOS is added).
@@ -203,6 +244,9 @@ def perplexity(
         ranges: ``(start, end)`` pairs of token positions, ``0 <= start < end <= N``;
             each covers the predictions of tokens ``max(start, 1) .. end - 1``.
             E.g. ``[(0, 2048), (2048, 4096)]`` for the two halves of 4096 tokens.
+        chunk: tokens per forward (None: all at once); each piece after the first runs
+            against the cache of the ones before, as chunked prefill or a second turn
+            of a conversation does (`logits_of`).
 
     Returns:
         A :class:`PerplexityResult`; when the ranges partition ``0 .. N`` their
@@ -216,7 +260,7 @@ def perplexity(
     if n < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {n}")
     checked = _check_ranges(ranges or [], n)
-    nll = token_nll(logits_of(model, input_ids), input_ids)  # [B, N - 1]
+    nll = token_nll(logits_of(model, input_ids, chunk), input_ids)  # [B, N - 1]
     mean = nll.mean().item()
     return PerplexityResult(
         ppl=_exp(mean),

@@ -222,6 +222,25 @@ def test_eval_before_and_after(converted_dirs, hf_dir, text_file, capsys, tmp_pa
     assert res["before"]["ppl"] > 1 and res["after"]["ppl"] > 1
 
 
+def test_eval_in_chunks(converted_dirs, hf_dir, text_file, capsys, tmp_path):
+    """--chunk scores both models in pieces that continue the KV cache: the original's
+    perplexity is its one-pass perplexity to fp32 rounding."""
+    args = ["eval", hf_dir, text_file, "--tokens", 256, "--nanite", converted_dirs[3],
+            "--quiet", "--json"]
+    rc, _, err = run(capsys, *args, tmp_path / "whole.json")
+    assert rc == 0, err
+    rc, out, err = run(capsys, *args, tmp_path / "chunked.json", "--chunk", 100)
+    assert rc == 0, err
+    assert "in chunks of 100 tokens" in out
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    chunked = json.loads((tmp_path / "chunked.json").read_text())
+    assert chunked["chunk"] == 100 and whole["chunk"] is None
+    assert chunked["before"]["nll"] == pytest.approx(whole["before"]["nll"], rel=1e-5)
+    assert chunked["after"]["ppl"] > 1
+    rc, _, err = run(capsys, "eval", hf_dir, text_file, "--chunk", 0)
+    assert_one_line_error(rc, err, "--chunk must be at least 1")
+
+
 def test_errors_are_one_line(hf_dir, text_file, converted_dirs, capsys, tmp_path):
     rc, _, err = run(capsys, "convert", tmp_path / "nowhere")
     assert_one_line_error(rc, err, "not found", ".gguf")

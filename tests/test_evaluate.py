@@ -143,6 +143,51 @@ def test_chunked_nll_equals_unchunked():
     assert torch.equal(token_nll(logits, ids, chunk=5), token_nll(logits, ids, chunk=10_000))
 
 
+def test_scoring_in_chunks_continues_the_cache(model, ids):
+    """Pieces of 20 tokens (20, 20, 8), each run against the KV cache of the ones before,
+    give the one-pass logits of the original model to fp32 rounding; a chunk as long as
+    the input is one pass."""
+    whole = logits_of(model, ids)
+    chunked = logits_of(model, ids, chunk=20)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+    assert perplexity(model, ids, chunk=20).nll == pytest.approx(perplexity(model, ids).nll,
+                                                                 rel=1e-5)
+    assert torch.equal(logits_of(model, ids, chunk=N), whole)
+
+
+def test_converted_model_scores_in_chunks():
+    """A converted model scored in chunks runs the tiled op on every chunk after the first
+    (the continuation of its cache), and depends on no later token."""
+    import nanite_compile
+    from nanite_compile.kernels.ops import recording
+
+    conv = nanite_compile.convert(tiny_llama(vocab=VOCAB, max_pos=512),
+                                  config=nanite_compile.NaniteConfig(budget=0.25, tile=16))
+    ids = torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(5))
+    with recording() as rec:
+        res = perplexity(conv, ids, ranges=[(100, 300)], chunk=100)
+    calls = [r for recs in rec.values() for r in recs]
+    assert [r["q_shape"][2] for r in calls].count(100) == len(calls) == 2 * 3
+    assert all(r["path"] == "tiled" for r in calls if r["k_shape"][2] > 100), calls
+    assert math.isfinite(res.ppl) and res.ranges[0].n_tokens == 200
+    changed = ids.clone()
+    changed[:, 250:] = (changed[:, 250:] + 1) % VOCAB
+    a, b = logits_of(conv, ids, chunk=100), logits_of(conv, changed, chunk=100)
+    torch.testing.assert_close(a[:, :250], b[:, :250], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, True])
+def test_bad_chunk_raises(model, ids, chunk):
+    with pytest.raises(ValueError, match="chunk must be a positive number of tokens"):
+        perplexity(model, ids, chunk=chunk)
+
+
+def test_chunks_need_a_model_with_a_cache():
+    emb = torch.nn.Embedding(VOCAB, VOCAB)
+    with pytest.raises(TypeError, match="takes and returns a KV cache.*one pass"):
+        logits_of(emb, torch.zeros(1, 10, dtype=torch.long), chunk=4)
+
+
 def test_infinite_nll_gives_infinite_ppl():
     class Certain(torch.nn.Module):
         def forward(self, ids):
