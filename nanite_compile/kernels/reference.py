@@ -434,6 +434,8 @@ def tiled_attention(
         return exact("budget 1.0 keeps every tile exact")
     if nk <= params.tile * params.window:
         return exact("sequence within the near field")
+    if nq > nk:
+        return exact("more queries than keys")
 
     causal = bool(is_causal)
     window = None
@@ -458,8 +460,6 @@ def tiled_attention(
     if attn_mask is None and is_causal and nq != nk:
         # SDPA aligns is_causal to the top left: the first query sees key 0 only
         return exact("causal with fewer queries than keys under SDPA's top-left alignment")
-    if nq > nk:
-        return exact("more queries than keys")
     if 1 < nq < nk and not causal:
         # a causal block is the last Nq positions (a chunk continuing a cache); without
         # causality the queries have no positions among the keys (cross-attention)
