@@ -343,8 +343,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         with steps.step("loading the model"):
             model = _load_model(args.model, args.dtype, args.quiet)
         ranges = _ranges(ids.shape[1], args.range_size)
+        # a chunk as long as the text is one pass (and is reported as one)
+        chunk = args.chunk if args.chunk is not None and args.chunk < ids.shape[1] else None
         with steps.step("perplexity of the original"):
-            before = perplexity(model, ids, ranges=ranges, chunk=args.chunk)
+            before = perplexity(model, ids, ranges=ranges, chunk=chunk)
         if args.nanite is not None:
             with steps.step(f"loading the conversion from {args.nanite}"):
                 converted = nanite_compile.load(args.nanite, model)
@@ -352,7 +354,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             with steps.step(f"converting (budget {cfg.budget:g})"):
                 converted = nanite_compile.convert(model, config=cfg)
         with steps.step("perplexity of the converted model"):
-            after = perplexity(converted, ids, ranges=ranges, chunk=args.chunk)
+            after = perplexity(converted, ids, ranges=ranges, chunk=chunk)
     finally:
         steps.close()
     budget = converted.__dict__["_nanite_state"].config.budget
@@ -363,7 +365,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     rows = [row(f"perplexity, tokens 0-{ids.shape[1]}", before.ppl, after.ppl)]
     for rb, ra in zip(before.ranges, after.ranges, strict=True):
         rows.append(row(f"  tokens {rb.start}-{rb.end}", rb.ppl, ra.ppl))
-    how = "" if args.chunk is None else f"; in chunks of {args.chunk} tokens on the KV cache"
+    how = "" if chunk is None else f"; in chunks of {chunk} token{'s' * (chunk > 1)} on the KV cache"
     print(f"{args.text}: first {ids.shape[1]} tokens; budget {budget:g}{how}")
     print(
         tabulate(rows, headers=["", "original", "converted", "converted/original"], floatfmt=".3f")
@@ -372,7 +374,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out = {
             "tokens": ids.shape[1],
             "budget": budget,
-            "chunk": args.chunk,
+            "chunk": chunk,
             "before": before.to_dict(),
             "after": after.to_dict(),
             "report": json.loads(nanite_compile.report(converted).to_json()),

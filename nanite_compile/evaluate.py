@@ -105,7 +105,10 @@ def _check_input_ids(input_ids: torch.Tensor) -> torch.Tensor:
 
 def forward_takes(model: nn.Module, name: str, annotated: str | None = None) -> bool:
     """Whether ``model.forward`` has a parameter ``name`` (False when it has no signature);
-    with ``annotated``, only if that word is in the parameter's type annotation."""
+    with ``annotated``, only if that word is in the parameter's type annotation. A
+    ``torch.compile`` wrapper (whose forward takes ``*args, **kwargs``) answers for the
+    module it compiled."""
+    model = getattr(model, "_orig_mod", model)
     try:
         param = inspect.signature(model.forward).parameters.get(name)
     except (TypeError, ValueError):
@@ -126,12 +129,15 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor, chunk: int | None = Non
     Raises:
         TypeError: the model's output is neither a tensor nor has ``.logits``; with
             ``chunk``, the model takes no cache or returns none.
-        ValueError: the logits do not have shape ``[B, N, V]``; ``chunk`` is not positive.
+        ValueError: the logits do not have shape ``[B, N, V]``; ``chunk`` is not positive
+            (TypeError: not an int).
     """
     input_ids = _check_input_ids(input_ids)
     n = input_ids.shape[1]
     if chunk is not None:
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        if isinstance(chunk, bool) or not isinstance(chunk, int):
+            raise TypeError(f"chunk must be an int (tokens per forward) or None, got {chunk!r}")
+        if chunk < 1:
             raise ValueError(f"chunk must be a positive number of tokens, got {chunk!r}")
         if chunk >= n:
             chunk = None

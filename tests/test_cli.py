@@ -224,7 +224,8 @@ def test_eval_before_and_after(converted_dirs, hf_dir, text_file, capsys, tmp_pa
 
 def test_eval_in_chunks(converted_dirs, hf_dir, text_file, capsys, tmp_path):
     """--chunk scores both models in pieces that continue the KV cache: the original's
-    perplexity is its one-pass perplexity to fp32 rounding."""
+    perplexity is its one-pass perplexity to fp32 rounding; a chunk as long as the text
+    is one pass, and said to be."""
     args = ["eval", hf_dir, text_file, "--tokens", 256, "--nanite", converted_dirs[3],
             "--quiet", "--json"]
     rc, _, err = run(capsys, *args, tmp_path / "whole.json")
@@ -237,6 +238,9 @@ def test_eval_in_chunks(converted_dirs, hf_dir, text_file, capsys, tmp_path):
     assert chunked["chunk"] == 100 and whole["chunk"] is None
     assert chunked["before"]["nll"] == pytest.approx(whole["before"]["nll"], rel=1e-5)
     assert chunked["after"]["ppl"] > 1
+    rc, out, err = run(capsys, *args, tmp_path / "long.json", "--chunk", 256)
+    assert rc == 0, err
+    assert "on the KV cache" not in out and json.loads((tmp_path / "long.json").read_text())["chunk"] is None
     rc, _, err = run(capsys, "eval", hf_dir, text_file, "--chunk", 0)
     assert_one_line_error(rc, err, "--chunk must be at least 1")
 

@@ -176,9 +176,22 @@ def test_converted_model_scores_in_chunks():
     torch.testing.assert_close(a[:, :250], b[:, :250], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [0, -3, 2.5, True])
-def test_bad_chunk_raises(model, ids, chunk):
-    with pytest.raises(ValueError, match="chunk must be a positive number of tokens"):
+def test_compiled_model_scores_in_chunks():
+    """A ``torch.compile`` wrapper (forward ``*args, **kwargs``) is asked about the module
+    it compiled: it takes a cache, so it scores in chunks."""
+    import nanite_compile  # noqa: F401  (registers the backend)
+
+    m = tiny_llama(vocab=VOCAB, max_pos=512)
+    ids = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(6))
+    comp = torch.compile(m, backend="nanite", options={"budget": 0.25, "tile": 16})
+    whole = perplexity(comp, ids).nll
+    assert perplexity(comp, ids, chunk=64).nll == pytest.approx(whole, rel=0.05)
+
+
+@pytest.mark.parametrize("chunk, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError),
+                                          (True, TypeError), ("8", TypeError)])
+def test_bad_chunk_raises(model, ids, chunk, error):
+    with pytest.raises(error, match="chunk must be"):
         perplexity(model, ids, chunk=chunk)
 
 

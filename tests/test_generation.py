@@ -340,3 +340,30 @@ def test_many_call_variants_keep_the_tiled_path():
     assert sorted(rec) == sorted(s.site for s in nanite_compile.report(conv).sites), rec
     for recs in rec.values():  # each site's prefill ran the tiled op
         assert [r["path"] for r in recs if r["q_shape"][2] > 1] == ["tiled"], recs
+
+
+def test_static_cache_runs_tiled_where_the_tokens_are():
+    """Hugging Face's StaticCache hands the attention all its slots, the empty ones
+    masked: a prompt and a chunk after it run tiled on the filled slots (the near field
+    where the tokens are), and give what a DynamicCache gives."""
+    from transformers import StaticCache
+
+    from nanite_compile.kernels.ops import recording
+
+    model = tiny_llama(impl="sdpa", max_pos=1024)
+    conv = nanite_compile.convert(model, config=NaniteConfig(budget=0.25, tile=16))
+    ids = torch.randint(1, 128, (1, 400), generator=torch.Generator().manual_seed(3))
+
+    def run(cache):
+        with torch.no_grad():
+            first = conv(ids[:, :203], cache=cache, use_cache=True)
+            cache = cache if cache is not None else first.cache
+            second = conv(ids[:, 203:], cache=cache, use_cache=True)
+        return torch.cat([first.logits, second.logits], 1)
+
+    with recording() as rec:
+        static = run(StaticCache(config=model.config, max_cache_len=512))
+    calls = [r for recs in rec.values() for r in recs]
+    assert (197, 512) in {(r["q_shape"][2], r["k_shape"][2]) for r in calls}  # the chunk
+    assert all(r["path"] == "tiled" and r["mask"] == "causal" for r in calls), calls
+    torch.testing.assert_close(static, run(None), rtol=1e-5, atol=1e-5)

@@ -38,7 +38,7 @@ from .levels import (
     tile_importance,
     tile_importance_coarse_to_fine,
 )
-from .masks import BLOCKED_BELOW, read_mask
+from .masks import BLOCKED_BELOW, allowed_from_mask, read_mask
 
 __all__ = [
     "exact_attention",
@@ -368,6 +368,26 @@ def tiled_attention_from_levels(
     return untile(out, b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)
 
 
+def _seen_keys(mask: torch.Tensor, nk: int) -> int:
+    """How many leading keys matter: up to the last one some query may see, when the
+    keys after it are blocked for every query (bool False or -inf, so that dropping them
+    changes no sum); else ``nk``."""
+    if mask.shape[-1] != nk:
+        return nk
+    allowed = allowed_from_mask(mask)
+    if allowed is None:
+        return nk
+    seen = allowed.reshape(-1, nk).any(0)
+    if not bool(seen.any()):
+        return nk
+    keep = int(seen.nonzero().max()) + 1
+    if keep == nk:
+        return nk
+    if mask.is_floating_point() and not bool(torch.isneginf(mask[..., keep:]).all()):
+        return nk
+    return keep
+
+
 def _row_share(params: TileParams, q_tiles: torch.Tensor, T: int) -> torch.Tensor:
     """The share of the keys before it each query tile may read: the budget, or
     ``budget_reads`` over the tokens before the tile (at most 1)."""
@@ -436,6 +456,19 @@ def tiled_attention(
         return exact("sequence within the near field")
     if nq > nk:
         return exact("more queries than keys")
+    if attn_mask is not None and nq < nk:
+        # keys at the end that no query may see (a static cache's empty slots, an
+        # encoder's right padding) are dropped, so that the queries are the last ones
+        # they see: the tiles' near field is placed by the keys the queries really read
+        keep = _seen_keys(attn_mask, nk)
+        if keep < nq:
+            return exact(f"the queries outnumber the keys they may see ({keep}, the rest "
+                         "masked for every query): cross-attention or empty cache slots")
+        if keep < nk:
+            k, v, attn_mask = k[:, :, :keep], v[:, :, :keep], attn_mask[..., :keep]
+            nk = keep
+            if nk <= params.tile * params.window:
+                return exact("sequence within the near field")
 
     causal = bool(is_causal)
     window = None

@@ -9,6 +9,8 @@ shared over those rows, and no output depends on a later token.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -144,12 +146,16 @@ def test_chunk_reads_its_budget_and_the_paths_agree(budget, nq):
 def test_chunk_fallbacks_say_why():
     """What the tiles cannot place runs exact, with the reason: SDPA's top-left causal
     flag with fewer queries than keys, a bidirectional query block shorter than its keys
-    (cross-attention: its queries have no positions among the keys), more queries than
-    keys."""
+    (cross-attention: its queries have no positions among the keys; also where right
+    padding of the keys makes every row look causal), more queries than keys."""
     q, k, v = _qkv(1, 4, 2, 200, 16, seed=4)
     p = _params()
+    enc = torch.zeros(1, 1, 150, 200, dtype=torch.bool)
+    enc[..., :120] = True  # cross-attention over right-padded keys: every query sees 0..119
     cases = [
         (q[:, :, 50:], k, v, None, True, "top-left"),
+        (q[:, :, 50:], k, v, enc, False, "outnumber the keys they may see"),
+        (q[:, :, 100:], k, v, enc[:, :, 50:], False, "cross-attention"),
         (q[:, :, 50:], k, v, None, False, "cross-attention"),
         (q[:, :, 50:], k, v, torch.ones(150, 200, dtype=torch.bool), False, "cross-attention"),
         (q, k[:, :, 100:], v[:, :, 100:], None, False, "more queries than keys"),
@@ -159,3 +165,31 @@ def test_chunk_fallbacks_say_why():
         out = tiled_attention(qq, kk, vv, mask, scale=0.25, is_causal=causal, params=p, stats=st)
         assert st["path"] == "exact" and reason in st["reason"], st
         torch.testing.assert_close(out, exact_attention(qq, kk, vv, mask, 0.25, causal))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("nq", [1, 50])
+def test_keys_no_query_sees_are_dropped(impl, nq):
+    """A static cache hands the attention all its slots, the empty ones masked for every
+    query: the queries are the last of the keys they see, not of the slots. The result
+    is the one on the filled slots alone (the near field where the queries are)."""
+    slots, filled = 400, 250
+    q, k, v = _qkv(2, 6, 2, slots, 16, seed=7)
+    q = q[:, :, filled - nq:filled]
+    valid = torch.ones(2, filled, dtype=torch.bool)
+    valid[1, :30] = False  # left padding in one batch row
+    mask = torch.zeros(2, 1, nq, slots, dtype=torch.bool)
+    mask[..., :filled] = _chunk_mask(nq, filled, valid)
+    p = _params(budget=0.2, sharpness=6.0, features=8)
+    st, st_f = {}, {}
+    out = tiled_attention(q, k, v, mask, scale=0.25, is_causal=False, params=p,
+                          fast=IMPLS[impl], stats=st)
+    want = tiled_attention(q, k[:, :, :filled], v[:, :, :filled], mask[..., :filled],
+                           scale=0.25, is_causal=False, params=p, fast=IMPLS[impl], stats=st_f)
+    assert st["path"] == "tiled" and torch.equal(st["levels"], st_f["levels"])
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    # an additive mask whose empty slots are -inf: the same
+    bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, -math.inf)
+    torch.testing.assert_close(tiled_attention(q, k, v, bias, scale=0.25, is_causal=False,
+                                               params=p, fast=IMPLS[impl]),
+                               want, rtol=1e-12, atol=1e-12)
