@@ -514,6 +514,20 @@ def test_cached_chunk_runs_tiled(lm):
     assert not torch.allclose(out2[:, -20:], out[:, -20:])
 
 
+def test_batch_row_does_not_depend_on_another_rows_padding(lm):
+    """Row 0 of a batch whose row 1 is left-padded gives what row 0 gives alone, at budget
+    0.25 (Hugging Face's SDPA path repeats the KV heads when it has a mask: the op runs
+    them as the KV heads they are, one level table per group, either way)."""
+    ids = lm.inputs["input_ids"]
+    batch = torch.cat([ids, ids.flip(1)])
+    mask = torch.ones_like(batch)
+    mask[1, :37] = 0
+    with torch.no_grad():
+        both = output_of(lm.conv025(input_ids=batch, attention_mask=mask))
+        alone = output_of(lm.conv025(input_ids=ids))
+    torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_generate(lm):
     prompt = lm.inputs["input_ids"]
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
