@@ -516,16 +516,21 @@ def test_cached_chunk_runs_tiled(lm):
 
 def test_batch_row_does_not_depend_on_another_rows_padding(lm):
     """Row 0 of a batch whose row 1 is left-padded gives what row 0 gives alone, at budget
-    0.25 (Hugging Face's SDPA path repeats the KV heads when it has a mask: the op runs
-    them as the KV heads they are, one level table per group, either way)."""
+    0.25: Hugging Face's SDPA path repeats the KV heads when it has a mask, and the
+    finder hands the op the heads before the repeat (one level table per KV head)
+    either way."""
+    from nanite_compile.kernels.ops import recording
+
     ids = lm.inputs["input_ids"]
     batch = torch.cat([ids, ids.flip(1)])
     mask = torch.ones_like(batch)
     mask[1, :37] = 0
-    with torch.no_grad():
+    with torch.no_grad(), recording() as rec:
         both = output_of(lm.conv025(input_ids=batch, attention_mask=mask))
         alone = output_of(lm.conv025(input_ids=ids))
     torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
+    for recs in rec.values():  # the padded call's K/V heads are the unpadded call's
+        assert recs[0]["k_shape"][1] == recs[1]["k_shape"][1], recs
 
 
 def test_generate(lm):

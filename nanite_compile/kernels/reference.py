@@ -368,26 +368,6 @@ def tiled_attention_from_levels(
     return untile(out, b, h, hkv, G, mq, T, dv, qpad_front, nq, q.dtype)
 
 
-def _repeated_heads(k: torch.Tensor, v: torch.Tensor) -> int:
-    """The largest ``r`` such that K's and V's heads are groups of ``r`` equal
-    consecutive copies (``repeat_kv``'s layout), or 1. A few keys are compared first,
-    so heads that differ cost almost nothing."""
-    hkv = k.shape[1]
-    if hkv < 2 or k.shape[2] == 0:
-        return 1
-    for r in range(hkv, 1, -1):
-        if hkv % r == 0 and all(_copies(x, r, n) for x, n in
-                                ((k, min(8, k.shape[2])), (k, k.shape[2]), (v, v.shape[2]))):
-            return r
-    return 1
-
-
-def _copies(x: torch.Tensor, r: int, n: int) -> bool:
-    """Whether the first ``n`` positions of ``x``'s heads are groups of ``r`` equal copies."""
-    g = x[:, :, :n].reshape(x.shape[0], x.shape[1] // r, r, n, x.shape[-1])
-    return bool((g == g[:, :, :1]).all())
-
-
 def _seen_keys(mask: torch.Tensor, nk: int) -> int:
     """How many leading keys matter: up to the last one some query may see, when the
     keys after it are blocked for every query (bool False or -inf, so that dropping them
@@ -476,13 +456,6 @@ def tiled_attention(
         return exact("sequence within the near field")
     if nq > nk:
         return exact("more queries than keys")
-    rep = _repeated_heads(k, v)
-    if rep > 1:
-        # K/V whose heads come in groups of equal copies (Hugging Face's SDPA path repeats
-        # the KV heads when it passes a mask): attend to one copy per group, so that the
-        # group shares one level table as under GQA, whether the call had a mask or not
-        k, v = k[:, ::rep].contiguous(), v[:, ::rep].contiguous()
-        hkv = k.shape[1]
     if attn_mask is not None and nq < nk:
         # keys at the end that no query may see (a static cache's empty slots, an
         # encoder's right padding) are dropped, so that the queries are the last ones

@@ -799,6 +799,15 @@ def _untranspose(kt: fx.Node, ndim: int) -> tuple[fx.Node | None, tuple | None]:
     return None, ("transpose", kt)
 
 
+def unrepeated(k: fx.Node, v: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """``k`` and ``v`` before a GQA repeat of their heads (the same repeat on both, and
+    neither changed in place), else as they are."""
+    uk, uv = _unrepeat(k), _unrepeat(v)
+    if uk is None or uv is None or not _same(uk[1], uv[1]) or _mutated(k, v):
+        return k, v
+    return uk[0], uv[0]
+
+
 def _unrepeat(x: fx.Node) -> tuple[fx.Node, int] | None:
     """The ``[B, Hkv, N, D]`` tensor a GQA repeat made ``[B, Hkv*n, N, D]`` from, and n."""
     shape = node_shape(x)
@@ -1425,9 +1434,7 @@ def _materialize(gm: fx.GraphModule, ch: _Chain) -> tuple:
         if ch.v_perm is not None:
             v = _emit(graph, pv, "call_function", torch.permute, (v, ch.v_perm))
         if ch.ndim == 4:  # GQA: hand the op the un-repeated k and v
-            uk, uv = _unrepeat(k), _unrepeat(v)
-            if uk is not None and uv is not None and _same(uk[1], uv[1]) and not _mutated(k, v):
-                k, v = uk[0], uv[0]
+            k, v = unrepeated(k, v)
         is_causal = _only_causal_mask(ch)
         mask = None if is_causal else _combine_masks(graph, pv, ch.masks)
         scale = _combine_scale(graph, pv, ch.scale)

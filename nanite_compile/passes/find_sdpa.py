@@ -53,6 +53,13 @@ def find_sdpa(gm: fx.GraphModule, ctx: PassContext) -> list[AttentionMatch]:
         )
         m.mask_kind = mask_kind_of(m.mask, m.is_causal)
         m.skip_reason = sdpa_skip_reason(a)
+        if m.skip_reason is None:
+            # K/V repeated per query head (Hugging Face's SDPA path with a mask): the op
+            # takes them un-repeated, as from the eager finder, so that it keeps one level
+            # table per KV head whether the call had a mask or not
+            from .find_eager import unrepeated  # find_eager imports this module
+
+            m.k, m.v = unrepeated(m.k, m.v)
         ctx.count(f"found_{pattern}")
         matches.append(m)
     return matches

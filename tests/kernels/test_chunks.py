@@ -194,26 +194,3 @@ def test_keys_no_query_sees_are_dropped(impl, nq):
                                                params=p, fast=IMPLS[impl]),
                                want, rtol=1e-12, atol=1e-12)
 
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_repeated_kv_heads_run_as_gqa(impl):
-    """K/V with each KV head repeated for its query heads (what Hugging Face's SDPA path
-    passes when it has a mask) give what the KV heads themselves give: one level table
-    per group, as under GQA. Heads that merely share a few first keys are not merged."""
-    n = 500
-    q, k, v = _qkv(2, 6, 2, n, 16, seed=8)
-    p = _params(budget=0.2, sharpness=6.0, features=8)
-    mask = _chunk_mask(n, n)
-    st_r, st_g = {}, {}
-    rep = tiled_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask,
-                          scale=0.25, is_causal=False, params=p, fast=IMPLS[impl], stats=st_r)
-    gqa = tiled_attention(q, k, v, mask, scale=0.25, is_causal=False, params=p,
-                          fast=IMPLS[impl], stats=st_g)
-    assert st_r["levels"].shape[1] == 2 and torch.equal(st_r["levels"], st_g["levels"])
-    torch.testing.assert_close(rep, gqa, rtol=1e-12, atol=1e-12)
-    k6 = k.repeat_interleave(3, 1).clone()
-    k6[:, 1, 8:] += 1.0  # head 1 differs from head 0 after its first keys
-    st = {}
-    tiled_attention(q, k6, v.repeat_interleave(3, 1), mask, scale=0.25, is_causal=False,
-                    params=p, fast=IMPLS[impl], stats=st)
-    assert st["levels"].shape[1] == 6
