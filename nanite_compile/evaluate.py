@@ -116,6 +116,14 @@ def forward_takes(model: nn.Module, name: str, annotated: str | None = None) -> 
     return param is not None and (annotated is None or annotated in str(param.annotation))
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The name ``model``'s forward gives its cache: ``cache`` from transformers 5.2x,
+    ``past_key_values`` before (5.17 still had it, without the newer name)."""
+    if forward_takes(model, "cache") or not forward_takes(model, "past_key_values"):
+        return "cache"
+    return "past_key_values"
+
+
 def _forward_kwargs(model: nn.Module) -> dict:
     """``use_cache=False`` where the model takes it: a scoring pass needs no KV cache."""
     return {"use_cache": False} if forward_takes(model, "use_cache") else {}
@@ -165,8 +173,8 @@ def _logits(model: nn.Module, out) -> torch.Tensor:
 
 
 def _chunked_logits(model: nn.Module, input_ids: torch.Tensor, chunk: int) -> torch.Tensor:
-    names = [name for name in ("cache", "past_key_values") if forward_takes(model, name)]
-    if not names or not forward_takes(model, "use_cache"):
+    name = cache_kwarg(model)
+    if not forward_takes(model, name) or not forward_takes(model, "use_cache"):
         raise TypeError(
             f"scoring in chunks needs a model that takes and returns a KV cache (a Hugging "
             f"Face causal LM); {type(model).__name__}.forward has no use_cache/cache "
@@ -174,10 +182,12 @@ def _chunked_logits(model: nn.Module, input_ids: torch.Tensor, chunk: int) -> to
         )
     cache, parts = None, []
     for start in range(0, input_ids.shape[1], chunk):
-        kwargs = {"use_cache": True} if cache is None else {"use_cache": True, names[0]: cache}
+        kwargs = {"use_cache": True} if cache is None else {"use_cache": True, name: cache}
         out = model(input_ids[:, start:start + chunk], **kwargs)
         parts.append(_logits(model, out))
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        # (not `or`: a cache holding no layer yet is falsy)
+        cache = getattr(out, "cache", None)
+        cache = getattr(out, "past_key_values", None) if cache is None else cache
         if cache is None:
             raise TypeError(
                 f"{type(model).__name__} returned no cache with use_cache=True, so a chunk "

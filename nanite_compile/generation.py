@@ -89,7 +89,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .evaluate import forward_takes
+from .evaluate import cache_kwarg
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.nanite.*)
 from .kernels.decode import CompressedKV, register
 from .kernels.levels import EXACT, NONE, STATE, TileParams
@@ -876,12 +876,5 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, context: int | None =
     if context is None and isinstance(kwargs.get("max_new_tokens"), int):
         context = input_ids.shape[1] + kwargs["max_new_tokens"]
     cache = NaniteCache(model, context=context)
-    return model.generate(input_ids, **{_cache_kwarg(model): cache}, **kwargs)
+    return model.generate(input_ids, **{cache_kwarg(model): cache}, **kwargs)
 
-
-def _cache_kwarg(model: nn.Module) -> str:
-    """The name ``model``'s forward gives its cache: ``cache`` from transformers 5.2x,
-    ``past_key_values`` before (5.17 still had it, without the newer name)."""
-    if forward_takes(model, "cache") or not forward_takes(model, "past_key_values"):
-        return "cache"
-    return "past_key_values"

@@ -222,9 +222,10 @@ class RewriteReport:
             "unmeasured": sum(s.flops_before is None for s in self.sites),
         }
 
-    def flops_phrase(self) -> str:
-        """The summary's FLOPs ratio in words ('' when nothing was measured)."""
-        sm = self.summary()
+    def flops_phrase(self, summary: dict | None = None) -> str:
+        """The summary's FLOPs ratio in words ('' when nothing was measured);
+        ``summary``: this report's `summary`, when the caller has it."""
+        sm = summary or self.summary()
         if sm["flops_ratio"] is None:
             return ""
         left = sm["unmeasured"]
@@ -359,7 +360,7 @@ def format_table(rep: RewriteReport) -> str:
     headers += ["computed/orig"] if computed else []
     table = tabulate(rows, headers=headers + ["rel. error", "reason"], tablefmt="simple")
     sm = rep.summary()
-    phrase = rep.flops_phrase()
+    phrase = rep.flops_phrase(sm)
     ratio = phrase and f", {phrase}"
     head = (f"nanite_compile report for {rep.model}: {sm['sites']} attention sites, "
             f"{sm['rewritten']} rewritten, {sm['skipped']} skipped{ratio}")

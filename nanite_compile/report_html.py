@@ -461,7 +461,7 @@ def _row(cells: list[str], cls: str = "") -> str:
 def _html(rep: RewriteReport, files: dict, sources: dict, chosen: list) -> str:
     e = html.escape
     sm = rep.summary()
-    phrase = rep.flops_phrase()
+    phrase = rep.flops_phrase(sm)
     ratio = phrase and f"; {phrase}"
     parts = [
         "<!doctype html>",
